@@ -1,0 +1,3 @@
+from imhub import cli
+
+raise SystemExit(cli.main())

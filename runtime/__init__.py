@@ -1,0 +1,1 @@
+"""The imhub runtime: gateway, message service, RTC service and their adapters."""

@@ -1,0 +1,1 @@
+"""Adapters: the embedded defaults and the production backends behind the ports."""

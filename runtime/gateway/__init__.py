@@ -1,0 +1,1 @@
+"""The edge: FastAPI app with the WebSocket protocol, REST routes and the demo page."""

@@ -1,0 +1,93 @@
+"""Routes that serve the embedded media store's signed URLs.
+
+``PUT`` stores one object if the signature covers this key, content type,
+size limit and expiry; ``GET`` serves it back. Anything tampered with or
+expired answers 403 with a JSON error.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse
+
+from imhub.runtime import errors
+from imhub.runtime.adapters.media import LocalMediaStore
+from imhub.runtime.gateway.rest import RuntimeDep
+
+__all__ = ["router"]
+
+router = APIRouter(include_in_schema=False)
+
+
+def _local(runtime: Any) -> LocalMediaStore:
+    media = runtime.media
+    if not isinstance(media, LocalMediaStore):
+        raise errors.NotFound("local media is not enabled")
+    return media
+
+
+def _path(media: LocalMediaStore, key: str) -> Any:
+    try:
+        return media.path_for(key)
+    except ValueError:
+        raise errors.Forbidden("bad media key") from None
+
+
+@router.put("/v1/media/local/{key:path}")
+async def upload(
+    key: str,
+    request: Request,
+    runtime: RuntimeDep,
+    exp: Annotated[int, Query()],
+    ct: Annotated[str, Query()],
+    max: Annotated[int, Query()],
+    sig: Annotated[str, Query()],
+) -> dict[str, Any]:
+    media = _local(runtime)
+    if not media.verify("put", key, exp, sig, ct, max):
+        raise errors.Forbidden("signature invalid or URL expired")
+    sent_type = request.headers.get("content-type", "").split(";", 1)[0].strip()
+    if sent_type != ct:
+        raise errors.Forbidden(f"this URL accepts Content-Type {ct!r} only")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max:
+        raise errors.TooLarge(f"this URL accepts at most {max} bytes")
+    path = _path(media, key)
+    if path.exists():
+        raise errors.Conflict("this URL was used already")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    size = 0
+    try:
+        with tmp.open("wb") as fh:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max:
+                    raise errors.TooLarge(f"this URL accepts at most {max} bytes")
+                fh.write(chunk)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"key": key, "size": size}
+
+
+@router.get("/v1/media/local/{key:path}")
+async def download(
+    key: str,
+    runtime: RuntimeDep,
+    exp: Annotated[int, Query()],
+    sig: Annotated[str, Query()],
+) -> FileResponse:
+    media = _local(runtime)
+    if not media.verify("get", key, exp, sig):
+        raise errors.Forbidden("signature invalid or URL expired")
+    path = _path(media, key)
+    if not path.is_file():
+        raise errors.NotFound("no such object")
+    tenant_id = key.split("/", 1)[0]
+    obj = await runtime.store.get_media(tenant_id, key)
+    media_type = obj.content_type if obj else "application/octet-stream"
+    return FileResponse(path, media_type=media_type)

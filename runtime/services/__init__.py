@@ -1,0 +1,1 @@
+"""Services: message handling and RTC signaling, written against the ports only."""
