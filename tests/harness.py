@@ -183,10 +183,7 @@ class Client:
             pass
         finally:
             if not self.closed.done():
-                rcvd = self.ws.close_rcvd
-                self.closed.set_result(
-                    (rcvd.code, rcvd.reason) if rcvd is not None else (None, "")
-                )
+                self.closed.set_result((self.ws.close_code, self.ws.close_reason or ""))
 
     async def send_raw(self, data: str | bytes) -> None:
         await self.ws.send(data)

@@ -43,3 +43,35 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         yield stack
     finally:
         stack.stop()
+
+
+async def create_conversation(
+    target: Target, tenant_id: str, creator: str, members: list[str], *, kind: str = "group",
+    name: str | None = "test group",
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": kind, "member_ids": members}
+    if kind == "group" and name:
+        body["name"] = name
+    async with target.rest(tenant_id, creator) as http:
+        resp = await http.post("/v1/im/conversations", json=body)
+    assert resp.status_code == 200, resp.text
+    doc: dict[str, Any] = resp.json()
+    return doc
+
+
+async def history(
+    target: Target, tenant_id: str, user: str, conv_id: str, **params: Any
+) -> list[dict[str, Any]]:
+    """All messages of the conversation (follows after_seq pages)."""
+    out: list[dict[str, Any]] = []
+    after = params.pop("after_seq", 0)
+    async with target.rest(tenant_id, user) as http:
+        while True:
+            resp = await http.get("/v1/im/messages", params={"conv_id": conv_id,
+                                                              "after_seq": after, "limit": 200})
+            assert resp.status_code == 200, resp.text
+            items = resp.json()["items"]
+            out += items
+            if len(items) < 200:
+                return out
+            after = items[-1]["seq"]
