@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
+import uuid
 from collections.abc import AsyncIterator
 from importlib import resources
 from typing import Any
@@ -47,6 +49,49 @@ def _error_response(status: int, code: str, message: str, details: Any = None) -
     return JSONResponse({"error": body}, status_code=status)
 
 
+class AccessLog:
+    """One JSON line per HTTP request: method, path (no query: it may hold a
+    signature), status, duration, request id and tenant. The request id comes
+    from ``X-Request-ID`` when the caller sends one and is echoed back."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if 0 < len(given) <= 64 and given.isprintable() else uuid.uuid4().hex
+        scope.setdefault("state", {})
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapper(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        with observability.log_context(request_id=request_id):
+            try:
+                await self.app(scope, receive, send_wrapper)
+            finally:
+                if scope["path"] not in ("/healthz", "/readyz", "/metrics"):
+                    logger.info(
+                        "request",
+                        extra={
+                            "method": scope["method"],
+                            "path": scope["path"],
+                            "status": status,
+                            "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                            "tenant_id": scope["state"].get("tenant_id"),
+                        },
+                    )
+
+
 def create_app(runtime: wiring.Runtime) -> FastAPI:
     hub: connections.Hub | None = None
     if "gateway" in runtime.roles:
@@ -81,6 +126,7 @@ def create_app(runtime: wiring.Runtime) -> FastAPI:
     )
     app.state.runtime = runtime
     app.state.hub = hub
+    app.add_middleware(AccessLog)
 
     @app.exception_handler(errors.ImhubError)
     async def _imhub_error(_request: Request, exc: errors.ImhubError) -> JSONResponse:

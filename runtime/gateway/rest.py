@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from imhub.runtime import auth, errors, models, turn
+from imhub.runtime import auth, errors, models, observability, turn
 from imhub.runtime.wiring import Runtime
 
 __all__ = ["router"]
@@ -36,12 +36,18 @@ def get_runtime(request: Request) -> Runtime:
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 
 
-def get_principal(
-    runtime: RuntimeDep, authorization: Annotated[str | None, Header()] = None
+async def get_principal(
+    request: Request,
+    runtime: RuntimeDep,
+    authorization: Annotated[str | None, Header()] = None,
 ) -> auth.Principal:
     if not authorization or not authorization.lower().startswith("bearer "):
         raise errors.Unauthorized("missing 'Authorization: Bearer <token>'")
-    return runtime.verifier.verify(authorization[7:].strip())
+    principal = runtime.verifier.verify(authorization[7:].strip())
+    # Read back by the access-log middleware, so its line names the tenant.
+    request.state.tenant_id = principal.tenant_id
+    observability.bind(tenant_id=principal.tenant_id)
+    return principal
 
 
 PrincipalDep = Annotated[auth.Principal, Depends(get_principal)]

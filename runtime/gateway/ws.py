@@ -87,10 +87,13 @@ async def serve_websocket(
         conn = connections.Connection(ws, principal, queue_limit=config.send_queue_limit)
         observability.bind(tenant_id=principal.tenant_id, conn_id=conn.conn_id)
         await hub.register(conn)
+        logger.info("ws connected", extra={"user_id": principal.user_id})
+        reason = "client closed"
         try:
-            await _Session(conn, hub, tenant, config).run()
+            reason = await _Session(conn, hub, tenant, config).run()
         finally:
             await hub.unregister(conn)
+            logger.info("ws closed", extra={"reason": reason})
     except _Closed:
         return
 
@@ -165,19 +168,20 @@ class _Session:
         self.bucket = limits.TokenBucket(tenant.limits.rate_per_second, tenant.limits.rate_burst)
         self.names = tenant.names
 
-    async def run(self) -> None:
+    async def run(self) -> str:
+        """Serve frames until the socket closes; return why the server closed it."""
         conn = self.conn
         while True:
             raw = await _receive(conn.ws, self.config.idle_timeout_seconds)
             if raw is None:
                 await conn.flush()
                 await _close(conn.ws, protocol.CloseCode.IDLE_TIMEOUT, "idle timeout")
-                return
+                return "idle timeout"
             if time.time() > conn.principal.expires_at:
                 self.hub.ack_error(conn, None, "session", errors.Unauthorized("token expired"))
                 await conn.flush()
                 await _close(conn.ws, protocol.CloseCode.AUTH_FAILED, "token expired")
-                return
+                return "token expired"
             if not self.bucket.take():
                 self.hub.ack_error(
                     conn,
@@ -190,7 +194,7 @@ class _Session:
                 if self.bucket.strikes > _STRIKES_BEFORE_CLOSE:
                     await conn.flush()
                     await _close(conn.ws, protocol.CloseCode.ABUSE, "rate limit abuse")
-                    return
+                    return "rate limit abuse"
                 continue
             if isinstance(raw, bytes):
                 self.hub.ack_error(
