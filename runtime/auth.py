@@ -55,7 +55,7 @@ class TokenVerifier:
             raise errors.Unauthorized(
                 f"algorithm {header.get('alg')!r} is not allowed for this key"
             )
-        material = key.secret if key.alg == "HS256" else key.public_key
+        material = (key.secret if key.alg == "HS256" else key.public_key) or ""
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
@@ -96,7 +96,7 @@ def mint_token(tenant: tenants.Tenant, user_id: str, *, ttl: int = 3600) -> tupl
     exp = now + ttl
     token = jwt.encode(
         {"sub": user_id, "tenant_id": tenant.tenant_id, "iat": now, "exp": exp},
-        key.secret,
+        key.secret or "",
         algorithm="HS256",
         headers={"kid": key.kid},
     )

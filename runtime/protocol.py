@@ -189,7 +189,7 @@ class ImageContent(_Media):
 
 class FileContent(_Media):
     fileName: Annotated[StrictStr, Field(min_length=1, max_length=255)]
-    size: _NonNeg  # type: ignore[assignment]  # required for files
+    size: _NonNeg  # required for files
 
 
 class AvContent(_Media):
@@ -230,7 +230,9 @@ def validate_content(
             f"content is {size} bytes, the limit is {max_bytes}",
             details={"size": size, "limit": max_bytes},
         )
-    model = _CONTENT_MODELS[msg_type]
+    model = _CONTENT_MODELS.get(msg_type)
+    if model is None:
+        raise errors.InvalidPayload(f"unknown message type {msg_type!r}")
     try:
         model.model_validate(content)
     except ValidationError as exc:

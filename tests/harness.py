@@ -114,8 +114,16 @@ class EmbeddedServer(Target):
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [*IMHUB, "serve", "--data-dir", str(self.data_dir), "--tenants",
-             str(self.tenants_file), "--port", str(self.port)],
+            [
+                *IMHUB,
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--tenants",
+                str(self.tenants_file),
+                "--port",
+                str(self.port),
+            ],
             stdout=log,
             stderr=log,
             env=self.env,
@@ -153,7 +161,9 @@ class Client:
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.acks: dict[str | None, asyncio.Future[dict[str, Any]]] = {}
         self.orphan_acks: list[dict[str, Any]] = []
-        self.closed: asyncio.Future[tuple[int | None, str]] = asyncio.get_running_loop().create_future()
+        self.closed: asyncio.Future[tuple[int | None, str]] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._reader = asyncio.create_task(self._read())
 
     @classmethod
@@ -200,17 +210,22 @@ class Client:
     async def send_text(
         self, conv_id: str, text: str, client_msg_id: str | None = None
     ) -> dict[str, Any]:
-        return await self.request("send_message", {
-            "conv_id": conv_id,
-            "client_msg_id": client_msg_id or secrets.token_hex(8),
-            "type": "text",
-            "content": {"text": text},
-        })
+        return await self.request(
+            "send_message",
+            {
+                "conv_id": conv_id,
+                "client_msg_id": client_msg_id or secrets.token_hex(8),
+                "type": "text",
+                "content": {"text": text},
+            },
+        )
 
     async def next_event(self, name: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            frame = await asyncio.wait_for(self.events.get(), max(0.01, deadline - time.monotonic()))
+            frame = await asyncio.wait_for(
+                self.events.get(), max(0.01, deadline - time.monotonic())
+            )
             if name is None or frame["event"] == name:
                 return frame
             if time.monotonic() > deadline:
@@ -220,7 +235,9 @@ class Client:
         out = []
         deadline = time.monotonic() + timeout
         while len(out) < count:
-            out.append((await self.next_event(name, max(0.01, deadline - time.monotonic())))["payload"])
+            out.append(
+                (await self.next_event(name, max(0.01, deadline - time.monotonic())))["payload"]
+            )
         return out
 
     async def wait_closed(self, timeout: float = 10.0) -> tuple[int | None, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 import uuid
@@ -36,6 +37,7 @@ class Connection:
         "_queue",
         "_queue_limit",
         "_writer",
+        "_writer_or_closer",
         "conn_id",
         "principal",
         "ws",
@@ -83,27 +85,21 @@ class Connection:
         if self._closing:
             return
         self._closing = True
-        asyncio.create_task(self._close(code, reason))
+        self._writer_or_closer = asyncio.create_task(self._close(code, reason))
 
     async def _close(self, code: int, reason: str) -> None:
         writer = self._writer
         if writer is not None:
-            try:
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(writer), 1.0)
-            except (TimeoutError, asyncio.CancelledError):
-                pass
-        try:
+        with contextlib.suppress(Exception):
             await self.ws.close(code, reason)
-        except Exception:
-            pass
 
     async def flush(self, timeout: float = 1.0) -> None:
         writer = self._writer
         if writer is not None:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(writer), timeout)
-            except TimeoutError:
-                pass
 
 
 class _Pending:
@@ -278,10 +274,8 @@ class Hub:
         """Expire acks that never got an answer, and refresh presence."""
         last_presence = clock()
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), 0.5)
-            except TimeoutError:
-                pass
             now = clock()
             expired = [
                 rid for rid, p in self._pending.items() if now - p.started > self._ack_timeout

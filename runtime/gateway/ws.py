@@ -8,6 +8,7 @@ through the :class:`~imhub.runtime.gateway.connections.Hub`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -53,10 +54,8 @@ async def _send_now(ws: WebSocket, frame: dict[str, Any]) -> None:
 
 async def _close(ws: WebSocket, code: int, reason: str) -> None:
     if ws.application_state == WebSocketState.CONNECTED:
-        try:
+        with contextlib.suppress(Exception):
             await ws.close(code, reason)
-        except Exception:
-            pass
 
 
 async def serve_websocket(

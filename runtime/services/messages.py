@@ -186,9 +186,10 @@ class MessageService:
         server_made = bool(cmd.get("server_made"))
         if not server_made and cmd.get("sender_id") not in members:
             raise errors.NotFound("conversation not found")
+        content = cmd.get("content")
         protocol.validate_content(
             str(cmd.get("type")),
-            cmd.get("content") if isinstance(cmd.get("content"), dict) else {},
+            content if isinstance(content, dict) else {},
             max_bytes=tenant.limits.max_content_bytes,
             server_made=server_made,
         )

@@ -10,6 +10,7 @@ are fire-and-forget).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -51,10 +52,8 @@ async def run_consumer(
                     backoff,
                     exc,
                 )
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
-                except TimeoutError:
-                    pass
                 backoff = min(max_backoff, backoff * 2)
                 continue
             await consumer.commit(pending)

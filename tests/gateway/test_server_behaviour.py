@@ -19,9 +19,11 @@ from tests.harness import Client, EmbeddedServer, make_tenants
 
 
 def _pem(private_key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey) -> str:
-    return private_key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    return (
+        private_key.public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
 
 
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
@@ -35,8 +37,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]
         {"kid": "rsa-2026", "alg": "RS256", "public_key": _pem(RSA_KEY)},
         {"kid": "ec-2026", "alg": "ES256", "public_key": _pem(EC_KEY)},
     ]
-    srv = EmbeddedServer(Path(tmp_path_factory.mktemp("behaviour")), tenants,
-                         idle_timeout_seconds=1.5, auth_timeout_seconds=1)
+    srv = EmbeddedServer(
+        Path(tmp_path_factory.mktemp("behaviour")),
+        tenants,
+        idle_timeout_seconds=1.5,
+        auth_timeout_seconds=1,
+    )
     srv.start()
     yield srv
     srv.stop()
@@ -93,7 +99,7 @@ async def test_persistent_rate_abuse_is_disconnected(server: EmbeddedServer) -> 
     for _ in range(400):
         try:
             await client.send_raw(frame)
-        except Exception:  # noqa: BLE001 - closed mid-flood
+        except Exception:
             break
     code, _ = await client.wait_closed(timeout=10)
     assert code == 4008
@@ -112,8 +118,13 @@ async def test_metrics_and_health(server: EmbeddedServer) -> None:
         docs = await http.get("/docs")
         openapi = (await http.get("/openapi.json")).json()
         missing = await http.get("/v1/im/nope")
-    for name in ("imhub_ws_connections", "imhub_messages_total", "imhub_acks_total",
-                 "imhub_errors_total", "imhub_send_deliver_seconds"):
+    for name in (
+        "imhub_ws_connections",
+        "imhub_messages_total",
+        "imhub_acks_total",
+        "imhub_errors_total",
+        "imhub_send_deliver_seconds",
+    ):
         assert name in metrics
     assert docs.status_code == 200
     assert "/v1/im/conversations" in openapi["paths"]
@@ -123,10 +134,12 @@ async def test_metrics_and_health(server: EmbeddedServer) -> None:
 async def test_logs_are_json_without_secrets_or_bodies(server: EmbeddedServer) -> None:
     secret_text = f"body-{secrets.token_hex(8)}"
     token = server.token("keyed", "logger")
-    async with httpx.AsyncClient(base_url=server.http(),
-                                 headers={"Authorization": f"Bearer {token}"}) as http:
-        conv = (await http.post("/v1/im/conversations",
-                                json={"type": "group", "member_ids": ["x"]})).json()
+    async with httpx.AsyncClient(
+        base_url=server.http(), headers={"Authorization": f"Bearer {token}"}
+    ) as http:
+        conv = (
+            await http.post("/v1/im/conversations", json={"type": "group", "member_ids": ["x"]})
+        ).json()
     client = await Client.connect(server.ws(), token)
     assert (await client.send_text(conv["conv_id"], secret_text))["success"]
     await client.close()

@@ -19,12 +19,23 @@ TENANTS = ("acme", "globex")
 
 
 @pytest.fixture(scope="session", params=["embedded", "stack"])
-def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    tenants = make_tenants(*TENANTS, rate_per_second=50, rate_burst=100,
-                           max_content_bytes=4096, max_upload_bytes=1024 * 1024)
+def target(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Target]:
+    tenants = make_tenants(
+        *TENANTS,
+        rate_per_second=50,
+        rate_burst=100,
+        max_content_bytes=4096,
+        max_upload_bytes=1024 * 1024,
+    )
     if request.param == "embedded":
-        server = EmbeddedServer(tmp_path_factory.mktemp("embedded"), tenants,
-                                auth_timeout_seconds=2, max_frame_bytes=65536)
+        server = EmbeddedServer(
+            tmp_path_factory.mktemp("embedded"),
+            tenants,
+            auth_timeout_seconds=2,
+            max_frame_bytes=65536,
+        )
         server.start()
         try:
             yield server
@@ -36,8 +47,13 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     from tests import harness_stack
 
     services: Any = request.getfixturevalue("services")
-    stack = harness_stack.StackTarget(Path(tmp_path_factory.mktemp("stack")), services, tenants,
-                                      auth_timeout_seconds=2, max_frame_bytes=65536)
+    stack = harness_stack.StackTarget(
+        Path(tmp_path_factory.mktemp("stack")),
+        services,
+        tenants,
+        auth_timeout_seconds=2,
+        max_frame_bytes=65536,
+    )
     stack.start()
     try:
         yield stack
@@ -46,7 +62,12 @@ def target(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 async def create_conversation(
-    target: Target, tenant_id: str, creator: str, members: list[str], *, kind: str = "group",
+    target: Target,
+    tenant_id: str,
+    creator: str,
+    members: list[str],
+    *,
+    kind: str = "group",
     name: str | None = "test group",
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"type": kind, "member_ids": members}
@@ -67,8 +88,9 @@ async def history(
     after = params.pop("after_seq", 0)
     async with target.rest(tenant_id, user) as http:
         while True:
-            resp = await http.get("/v1/im/messages", params={"conv_id": conv_id,
-                                                              "after_seq": after, "limit": 200})
+            resp = await http.get(
+                "/v1/im/messages", params={"conv_id": conv_id, "after_seq": after, "limit": 200}
+            )
             assert resp.status_code == 200, resp.text
             items = resp.json()["items"]
             out += items

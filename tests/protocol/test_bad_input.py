@@ -61,16 +61,26 @@ async def test_binary_frame(session: tuple[Client, str]) -> None:
         ("no_such_event", {}),
         ("send_message", {}),
         ("send_message", {"conv_id": "x", "client_msg_id": "y", "type": "text"}),
-        ("send_message", {"conv_id": 5, "client_msg_id": "y", "type": "text",
-                          "content": {"text": "hi"}}),
-        ("send_message", {"conv_id": "x", "client_msg_id": "y", "type": "sticker",
-                          "content": {"text": "hi"}}),
-        ("send_message", {"conv_id": "x", "client_msg_id": "y", "type": "text",
-                          "content": {"text": 7}}),
-        ("send_message", {"conv_id": "x", "client_msg_id": "y", "type": "image",
-                          "content": {"width": 3}}),
-        ("send_message", {"conv_id": "x", "client_msg_id": "y" * 65, "type": "text",
-                          "content": {"text": "hi"}}),
+        (
+            "send_message",
+            {"conv_id": 5, "client_msg_id": "y", "type": "text", "content": {"text": "hi"}},
+        ),
+        (
+            "send_message",
+            {"conv_id": "x", "client_msg_id": "y", "type": "sticker", "content": {"text": "hi"}},
+        ),
+        (
+            "send_message",
+            {"conv_id": "x", "client_msg_id": "y", "type": "text", "content": {"text": 7}},
+        ),
+        (
+            "send_message",
+            {"conv_id": "x", "client_msg_id": "y", "type": "image", "content": {"width": 3}},
+        ),
+        (
+            "send_message",
+            {"conv_id": "x", "client_msg_id": "y" * 65, "type": "text", "content": {"text": "hi"}},
+        ),
         ("mark_read", {"conv_id": "x", "last_read_seq": "3"}),
         ("mark_read", {"conv_id": "x", "last_read_seq": -1}),
         ("rtc_signal", {"conv_id": "x", "to_user_id": "y", "type": "dance"}),
@@ -86,8 +96,10 @@ async def test_missing_or_wrong_fields(
 
 async def test_system_messages_are_server_only(session: tuple[Client, str]) -> None:
     client, conv_id = session
-    ack = await client.request("send_message", {"conv_id": conv_id, "client_msg_id": "s1",
-                                                "type": "system", "content": {"event": "x"}})
+    ack = await client.request(
+        "send_message",
+        {"conv_id": conv_id, "client_msg_id": "s1", "type": "system", "content": {"event": "x"}},
+    )
     assert _err(ack) == "forbidden"
 
 
@@ -98,8 +110,10 @@ async def test_oversized_content(session: tuple[Client, str]) -> None:
     await _alive(client, conv_id)
 
 
-async def test_oversized_frame_closes_with_1009(target: Target, session: tuple[Client, str]) -> None:
-    client, conv_id = session
+async def test_oversized_frame_closes_with_1009(
+    target: Target, session: tuple[Client, str]
+) -> None:
+    client, _conv_id = session
     await client.send_raw(json.dumps({"event": "ping", "payload": {"pad": "x" * 70000}}))
     code, _ = await client.wait_closed()
     assert code == 1009
@@ -112,8 +126,10 @@ async def test_oversized_frame_closes_with_1009(target: Target, session: tuple[C
 async def test_send_before_authorize(target: Target) -> None:
     client = await Client.connect(target.ws())
     try:
-        ack = await client.request("send_message", {"conv_id": "x", "client_msg_id": "y",
-                                                    "type": "text", "content": {"text": "hi"}})
+        ack = await client.request(
+            "send_message",
+            {"conv_id": "x", "client_msg_id": "y", "type": "text", "content": {"text": "hi"}},
+        )
         assert _err(ack) == "unauthorized"
         # Still allowed to authorize afterwards.
         ok = await client.request("authorize", {"token": target.token("acme", "late")})
@@ -151,27 +167,48 @@ def _bad_tokens(target: Target) -> dict[str, str]:
     confused = hmac.new(public_pem, signing_input, hashlib.sha256).digest()
     return {
         "expired": target.token("acme", "mallory", ttl=-120),
-        "not_yet_valid": jwt.encode({**claims, "nbf": now + 3600}, key["secret"],
-                                    algorithm="HS256", headers={"kid": key["kid"]}),
+        "not_yet_valid": jwt.encode(
+            {**claims, "nbf": now + 3600},
+            key["secret"],
+            algorithm="HS256",
+            headers={"kid": key["kid"]},
+        ),
         "alg_none": f"{_b64({'alg': 'none', 'typ': 'JWT'})}.{_b64(claims)}.",
-        "alg_confusion": signing_input.decode() + "."
+        "alg_confusion": signing_input.decode()
+        + "."
         + base64.urlsafe_b64encode(confused).decode().rstrip("="),
-        "rs256_unknown_key": jwt.encode(claims, rsa_key, algorithm="RS256",
-                                        headers={"kid": key["kid"]}),
-        "other_tenants_key": jwt.encode(claims, other["secret"], algorithm="HS256",
-                                        headers={"kid": other["kid"]}),
-        "missing_exp": jwt.encode({"sub": "mallory", "tenant_id": "acme"}, key["secret"],
-                                  algorithm="HS256", headers={"kid": key["kid"]}),
-        "unknown_kid": jwt.encode(claims, key["secret"], algorithm="HS256",
-                                  headers={"kid": "nope"}),
+        "rs256_unknown_key": jwt.encode(
+            claims, rsa_key, algorithm="RS256", headers={"kid": key["kid"]}
+        ),
+        "other_tenants_key": jwt.encode(
+            claims, other["secret"], algorithm="HS256", headers={"kid": other["kid"]}
+        ),
+        "missing_exp": jwt.encode(
+            {"sub": "mallory", "tenant_id": "acme"},
+            key["secret"],
+            algorithm="HS256",
+            headers={"kid": key["kid"]},
+        ),
+        "unknown_kid": jwt.encode(
+            claims, key["secret"], algorithm="HS256", headers={"kid": "nope"}
+        ),
         "garbage": "not.a.jwt",
     }
 
 
 @pytest.mark.parametrize(
     "kind",
-    ["expired", "not_yet_valid", "alg_none", "alg_confusion", "rs256_unknown_key",
-     "other_tenants_key", "missing_exp", "unknown_kid", "garbage"],
+    [
+        "expired",
+        "not_yet_valid",
+        "alg_none",
+        "alg_confusion",
+        "rs256_unknown_key",
+        "other_tenants_key",
+        "missing_exp",
+        "unknown_kid",
+        "garbage",
+    ],
 )
 async def test_bad_tokens_are_refused(target: Target, kind: str) -> None:
     token = _bad_tokens(target)[kind]

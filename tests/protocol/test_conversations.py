@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 
 from tests.harness import Client, Target
-from tests.protocol.conftest import create_conversation, history
+from tests.protocol.conftest import create_conversation
 
 
 def _users(n: int) -> list[str]:
@@ -20,11 +20,13 @@ async def test_direct_conversation_is_reused(target: Target) -> None:
     assert first["created"] is True and again["created"] is False
     assert again["conv_id"] == first["conv_id"]
     async with target.rest("acme", a) as http:
-        bad = await http.post("/v1/im/conversations", json={"type": "direct",
-                                                            "member_ids": [b, "third"]})
+        bad = await http.post(
+            "/v1/im/conversations", json={"type": "direct", "member_ids": [b, "third"]}
+        )
         assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_payload"
-        add = await http.post(f"/v1/im/conversations/{first['conv_id']}/members",
-                              json={"user_ids": ["third"]})
+        add = await http.post(
+            f"/v1/im/conversations/{first['conv_id']}/members", json={"user_ids": ["third"]}
+        )
         assert add.status_code == 403 and add.json()["error"]["code"] == "forbidden"
 
 
@@ -33,8 +35,9 @@ async def test_group_membership_rules(target: Target) -> None:
     conv = await create_conversation(target, "acme", owner, [member])
     conv_id = conv["conv_id"]
     async with target.rest("acme", member) as http:
-        resp = await http.post(f"/v1/im/conversations/{conv_id}/members",
-                               json={"user_ids": [newcomer]})
+        resp = await http.post(
+            f"/v1/im/conversations/{conv_id}/members", json={"user_ids": [newcomer]}
+        )
         assert resp.status_code == 200 and resp.json()["added"] == [newcomer]
         # A plain member cannot remove others...
         resp = await http.delete(f"/v1/im/conversations/{conv_id}/members/{owner}")
@@ -44,7 +47,9 @@ async def test_group_membership_rules(target: Target) -> None:
         resp = await http.delete(f"/v1/im/conversations/{conv_id}/members/{newcomer}")
         assert resp.status_code == 200
     async with target.rest("acme", member) as http:
-        assert (await http.delete(f"/v1/im/conversations/{conv_id}/members/{member}")).status_code == 200
+        assert (
+            await http.delete(f"/v1/im/conversations/{conv_id}/members/{member}")
+        ).status_code == 200
         assert (await http.get(f"/v1/im/conversations/{conv_id}")).status_code == 404
     async with target.rest("acme", owner) as http:
         conv = (await http.get(f"/v1/im/conversations/{conv_id}")).json()
@@ -65,14 +70,20 @@ async def test_history_paging_and_gap_sync(target: Target) -> None:
         assert (await client.send_text(conv["conv_id"], f"m{n}"))["success"]
     await client.close()
     async with target.rest("acme", b) as http:
-        latest = (await http.get("/v1/im/messages", params={"conv_id": conv["conv_id"],
-                                                             "limit": 5})).json()
-        older = (await http.get("/v1/im/messages", params={"conv_id": conv["conv_id"],
-                                                            "before_seq": 8, "limit": 5})).json()
-        gap = (await http.get("/v1/im/messages", params={"conv_id": conv["conv_id"],
-                                                          "after_seq": 9})).json()
-        bad = await http.get("/v1/im/messages", params={"conv_id": conv["conv_id"],
-                                                         "limit": 100000})
+        latest = (
+            await http.get("/v1/im/messages", params={"conv_id": conv["conv_id"], "limit": 5})
+        ).json()
+        older = (
+            await http.get(
+                "/v1/im/messages", params={"conv_id": conv["conv_id"], "before_seq": 8, "limit": 5}
+            )
+        ).json()
+        gap = (
+            await http.get("/v1/im/messages", params={"conv_id": conv["conv_id"], "after_seq": 9})
+        ).json()
+        bad = await http.get(
+            "/v1/im/messages", params={"conv_id": conv["conv_id"], "limit": 100000}
+        )
     assert [m["seq"] for m in latest["items"]] == [8, 9, 10, 11, 12]
     assert [m["seq"] for m in older["items"]] == [3, 4, 5, 6, 7]
     assert [m["seq"] for m in gap["items"]] == [10, 11, 12]

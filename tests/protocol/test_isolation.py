@@ -20,9 +20,15 @@ async def acme_world(target: Target) -> dict[str, str]:
     assert (await client.send_text(conv["conv_id"], "secret plans"))["success"]
     await client.close()
     async with target.rest("acme", alice) as http:
-        resp = await http.post("/v1/im/media/upload-token", json={
-            "conv_id": conv["conv_id"], "file_name": "a.png", "content_type": "image/png",
-            "size": 10})
+        resp = await http.post(
+            "/v1/im/media/upload-token",
+            json={
+                "conv_id": conv["conv_id"],
+                "file_name": "a.png",
+                "content_type": "image/png",
+                "size": 10,
+            },
+        )
         assert resp.status_code == 200, resp.text
         key = resp.json()["key"]
     return {"conv_id": conv["conv_id"], "alice": alice, "bob": bob, "key": key}
@@ -44,12 +50,19 @@ async def test_rest_routes_hide_other_tenants_and_non_members(
                 await http.get(f"/v1/im/conversations/{conv_id}"),
                 await http.get("/v1/im/messages", params={"conv_id": conv_id}),
                 await http.get("/v1/im/messages", params={"conv_id": conv_id, "after_seq": 0}),
-                await http.post(f"/v1/im/conversations/{conv_id}/members",
-                                json={"user_ids": [user]}),
+                await http.post(
+                    f"/v1/im/conversations/{conv_id}/members", json={"user_ids": [user]}
+                ),
                 await http.delete(f"/v1/im/conversations/{conv_id}/members/{acme_world['bob']}"),
-                await http.post("/v1/im/media/upload-token", json={
-                    "conv_id": conv_id, "file_name": "x.png", "content_type": "image/png",
-                    "size": 10}),
+                await http.post(
+                    "/v1/im/media/upload-token",
+                    json={
+                        "conv_id": conv_id,
+                        "file_name": "x.png",
+                        "content_type": "image/png",
+                        "size": 10,
+                    },
+                ),
                 await http.get("/v1/im/media/download-url", params={"key": key}),
             ]
             listed = await http.get("/v1/im/conversations")
@@ -80,9 +93,15 @@ async def test_ws_events_hide_other_tenants_and_non_members(
             try:
                 send = await client.send_text(conv_id, "let me in")
                 read = await client.request("mark_read", {"conv_id": conv_id, "last_read_seq": 1})
-                signal = await client.request("rtc_signal", {
-                    "conv_id": conv_id, "to_user_id": acme_world["bob"], "type": "offer",
-                    "sdp": "v=0"})
+                signal = await client.request(
+                    "rtc_signal",
+                    {
+                        "conv_id": conv_id,
+                        "to_user_id": acme_world["bob"],
+                        "type": "offer",
+                        "sdp": "v=0",
+                    },
+                )
                 for ack in (send, read, signal):
                     assert ack["success"] is False
                     assert ack["error"]["code"] == "not_found", ack
@@ -113,16 +132,24 @@ async def test_same_conv_id_in_two_tenants_stays_apart(
 async def test_api_key_endpoint(target: Target) -> None:
     acme = target.tenants["acme"]
     async with httpx.AsyncClient(base_url=target.http()) as http:
-        ok = await http.post("/v1/auth/token", json={"tenant_id": "acme", "user_id": "zed"},
-                             headers={"X-API-Key": acme["api_key"]})
+        ok = await http.post(
+            "/v1/auth/token",
+            json={"tenant_id": "acme", "user_id": "zed"},
+            headers={"X-API-Key": acme["api_key"]},
+        )
         assert ok.status_code == 200, ok.text
         token = ok.json()["token"]
-        wrong_key = await http.post("/v1/auth/token", json={"tenant_id": "globex",
-                                                             "user_id": "zed"},
-                                    headers={"X-API-Key": acme["api_key"]})
+        wrong_key = await http.post(
+            "/v1/auth/token",
+            json={"tenant_id": "globex", "user_id": "zed"},
+            headers={"X-API-Key": acme["api_key"]},
+        )
         missing = await http.post("/v1/auth/token", json={"tenant_id": "acme", "user_id": "zed"})
-        unknown = await http.post("/v1/auth/token", json={"tenant_id": "nope", "user_id": "zed"},
-                                  headers={"X-API-Key": acme["api_key"]})
+        unknown = await http.post(
+            "/v1/auth/token",
+            json={"tenant_id": "nope", "user_id": "zed"},
+            headers={"X-API-Key": acme["api_key"]},
+        )
     for resp in (wrong_key, missing, unknown):
         assert resp.status_code == 401 and resp.json()["error"]["code"] == "unauthorized"
     client = await Client.connect(target.ws(), token)

@@ -102,9 +102,15 @@ async def test_restart_keeps_history_and_seq_continues(target: Target) -> None:
         ack = await a.send_text(conv["conv_id"], "after")
         assert ack["success"] and ack["data"]["seq"] == 6
         # A retry of a message stored before the restart is still recognised.
-        dup = await a.request("send_message", {
-            "conv_id": conv["conv_id"], "client_msg_id": before[0]["client_msg_id"],
-            "type": "text", "content": {"text": "dup"}})
+        dup = await a.request(
+            "send_message",
+            {
+                "conv_id": conv["conv_id"],
+                "client_msg_id": before[0]["client_msg_id"],
+                "type": "text",
+                "content": {"text": "dup"},
+            },
+        )
         assert dup["data"]["seq"] == 1
     finally:
         await a.close()

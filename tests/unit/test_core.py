@@ -13,8 +13,11 @@ from imhub.runtime.gateway import limits
 def test_names_come_from_one_place() -> None:
     n = tenancy.names_for("acme-co")
     assert n.db_schema == "t_acme_co" and n.db_role == "imhub_t_acme_co"
-    assert n.topics == ("imhub.acme-co.im-messages", "imhub.acme-co.im-signaling",
-                        "imhub.acme-co.im-events")
+    assert n.topics == (
+        "imhub.acme-co.im-messages",
+        "imhub.acme-co.im-signaling",
+        "imhub.acme-co.im-events",
+    )
     assert n.bucket == "imhub-acme-co" and n.object_prefix == "acme-co/"
     assert n.k8s_secret == "imhub-acme-co-credentials"
     assert n.turn_username("bob", 123) == "123:acme-co:bob"
@@ -54,12 +57,15 @@ def test_content_rules(msg_type: str, content: dict[str, object], code: str) -> 
 
 
 def test_valid_content() -> None:
-    protocol.validate_content("image", {"key": "k", "width": 3, "height": 4, "size": 9},
-                              max_bytes=256)
-    protocol.validate_content("file", {"url": "https://x/a.pdf", "fileName": "a.pdf", "size": 1},
-                              max_bytes=256)
-    protocol.validate_content("system", {"event": "call_ended", "duration": 3}, max_bytes=256,
-                              server_made=True)
+    protocol.validate_content(
+        "image", {"key": "k", "width": 3, "height": 4, "size": 9}, max_bytes=256
+    )
+    protocol.validate_content(
+        "file", {"url": "https://x/a.pdf", "fileName": "a.pdf", "size": 1}, max_bytes=256
+    )
+    protocol.validate_content(
+        "system", {"event": "call_ended", "duration": 3}, max_bytes=256, server_made=True
+    )
 
 
 def test_token_bucket() -> None:
@@ -77,8 +83,9 @@ def test_tenant_config_validation() -> None:
         tenants.SigningKey(kid="a", alg="RS256")
     with pytest.raises(ValueError):
         tenants.SigningKey(kid="a", alg="HS256", secret="short")
-    registry = tenants.load_tenants(environ={
-        "IMHUB_TENANT_ID": "solo", "IMHUB_TENANT_JWT_SECRET": "s" * 40})
+    registry = tenants.load_tenants(
+        environ={"IMHUB_TENANT_ID": "solo", "IMHUB_TENANT_JWT_SECRET": "s" * 40}
+    )
     assert registry.ids() == ["solo"]
     with pytest.raises(ValueError, match="defined twice"):
         tenants.TenantRegistry([registry.get("solo"), registry.get("solo")])  # type: ignore[list-item]
@@ -99,6 +106,12 @@ def test_turn_credentials_match_coturn_rules() -> None:
     assert user == "1060:acme:bob" and expiry == 1060
     expected = base64.b64encode(hmac.new(b"s3cret", user.encode(), hashlib.sha1).digest()).decode()
     assert password == expected
-    doc = turn.ice_servers(tenant_id="acme", user_id="bob", stun_urls=["stun:x"],
-                           turn_urls=["turn:y"], turn_secret=None, ttl=60)
+    doc = turn.ice_servers(
+        tenant_id="acme",
+        user_id="bob",
+        stun_urls=["stun:x"],
+        turn_urls=["turn:y"],
+        turn_secret=None,
+        ttl=60,
+    )
     assert doc["ice_servers"] == [{"urls": ["stun:x"]}]

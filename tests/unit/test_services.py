@@ -20,12 +20,14 @@ async def env(tmp_path: Path) -> dict[str, object]:
     url = f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite'}"
     await migrations.upgrade_async(url)
     db = store.SqlStore(store.make_engine(url))
-    conv, _ = await db.create_conversation("unit", conv_type="group", member_ids=["a", "b"],
-                                           created_by="a", name="g", direct_key=None)
+    conv, _ = await db.create_conversation(
+        "unit", conv_type="group", member_ids=["a", "b"], created_by="a", name="g", direct_key=None
+    )
     bus = memory.MemoryBus(partitions=4)
     cache = memory.MemoryCache()
-    svc = messages.MessageService(registry=tenants.TenantRegistry([TENANT]), store=db,
-                                  cache=cache, bus=bus)
+    svc = messages.MessageService(
+        registry=tenants.TenantRegistry([TENANT]), store=db, cache=cache, bus=bus
+    )
     yield {"db": db, "bus": bus, "cache": cache, "svc": svc, "conv": conv.conv_id}
     await db.close()
 
@@ -33,9 +35,21 @@ async def env(tmp_path: Path) -> dict[str, object]:
 async def _send(env: dict[str, object], client_msg_id: str, sender: str = "a") -> None:
     bus = env["bus"]
     assert isinstance(bus, memory.MemoryBus)
-    await bus.produce(TENANT.names.topic_messages, str(env["conv"]), envelopes.encode({
-        "op": "send", "tenant_id": "unit", "conv_id": env["conv"], "sender_id": sender,
-        "client_msg_id": client_msg_id, "type": "text", "content": {"text": client_msg_id}}))
+    await bus.produce(
+        TENANT.names.topic_messages,
+        str(env["conv"]),
+        envelopes.encode(
+            {
+                "op": "send",
+                "tenant_id": "unit",
+                "conv_id": env["conv"],
+                "sender_id": sender,
+                "client_msg_id": client_msg_id,
+                "type": "text",
+                "content": {"text": client_msg_id},
+            }
+        ),
+    )
 
 
 async def _drain(env: dict[str, object]) -> list[dict[str, object]]:
