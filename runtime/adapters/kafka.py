@@ -439,13 +439,15 @@ class KafkaConsumer:
                     raise _unavailable("kafka consumer failed", err)
                 logger.warning("kafka consume: %s", err.str())
                 continue
-            key = msg.key()
+            topic, partition, offset, key = msg.topic(), msg.partition(), msg.offset(), msg.key()
+            if topic is None or partition is None or offset is None:
+                continue  # only error events lack these
             out.append(
                 ports.Record(
-                    topic=msg.topic(),
-                    partition=msg.partition(),
-                    offset=msg.offset(),
-                    key=key.decode() if key is not None else "",
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
+                    key=key.decode() if isinstance(key, bytes) else (key or ""),
                     value=msg.value() or b"",
                 )
             )
