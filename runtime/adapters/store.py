@@ -20,13 +20,30 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from imhub.runtime import errors, models, tenancy
 from imhub.runtime.adapters import tables as t
 
-__all__ = ["SqlStore", "make_engine"]
+__all__ = ["SqlStore", "make_engine", "normalize_url"]
 
 logger = logging.getLogger(__name__)
 
 
+def normalize_url(url: str) -> str:
+    """The async-driver form of a database URL.
+
+    Deployment tools print plain DSNs (``postgresql://...``, ``sqlite:///...``);
+    the runtime always talks through asyncpg or aiosqlite.
+    """
+    for plain, driver in (
+        ("postgresql://", "postgresql+asyncpg://"),
+        ("postgres://", "postgresql+asyncpg://"),
+        ("sqlite://", "sqlite+aiosqlite://"),
+    ):
+        if url.startswith(plain):
+            return driver + url[len(plain) :]
+    return url
+
+
 def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
     """An async engine with the per-dialect settings imhub relies on."""
+    url = normalize_url(url)
     if url.startswith("sqlite"):
         engine = create_async_engine(url, pool_pre_ping=False)
 
@@ -43,8 +60,33 @@ def make_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
 
         return engine
     return create_async_engine(
-        url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True, pool_recycle=1800
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        # A connection the server dropped (restart, failover) is replaced at
+        # checkout instead of failing the first statement on it.
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        pool_timeout=10,
+        # asyncpg: give up connecting after 5 s and on a statement after 30 s,
+        # so an unreachable server surfaces as Unavailable, not as a hang.
+        connect_args={"timeout": 5, "command_timeout": 30},
     )
+
+
+def _is_connection_error(err: BaseException) -> bool:
+    """Whether ``err`` means "the database is not usable right now" (retry later)."""
+    if isinstance(err, OSError | TimeoutError | exc.OperationalError | exc.InterfaceError):
+        return True
+    if isinstance(err, exc.DBAPIError):
+        if err.connection_invalidated:
+            return True
+        # SQLSTATE class 08 (connection exception), 57P (operator intervention:
+        # shutdown, cannot connect now) and 40 (serialization failure, deadlock:
+        # the transaction was rolled back and may simply be retried).
+        state = str(getattr(err.orig, "sqlstate", None) or getattr(err.orig, "pgcode", "") or "")
+        return state.startswith(("08", "57P", "40"))
+    return False
 
 
 def _utc(value: datetime) -> datetime:
@@ -574,14 +616,24 @@ class _TenantConn:
         self._cm = self._engine.begin() if self._write else self._engine.connect()
         try:
             conn: AsyncConnection = await self._cm.__aenter__()
-        except (OSError, exc.OperationalError, exc.InterfaceError) as err:
-            raise errors.Unavailable("database is not reachable") from err
+        except Exception as err:
+            if _is_connection_error(err):
+                raise errors.Unavailable("database is not reachable") from err
+            raise
         if self._opts:
             await conn.execution_options(**self._opts)
         return conn
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, err: BaseException | None, tb: Any
+    ) -> None:
         try:
-            await self._cm.__aexit__(*exc_info)
-        except (OSError, exc.InterfaceError) as err:
+            await self._cm.__aexit__(exc_type, err, tb)
+        except Exception as close_err:
+            if _is_connection_error(close_err):
+                raise errors.Unavailable("database connection lost") from close_err
+            raise
+        # A statement inside the block lost its connection (server restart
+        # mid-transaction): the transaction is gone, the caller may retry.
+        if err is not None and _is_connection_error(err):
             raise errors.Unavailable("database connection lost") from err
