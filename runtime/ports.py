@@ -8,7 +8,7 @@ guarantees, written on each method below.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -74,6 +74,10 @@ class Store(Protocol):
     """Tenant-scoped persistence. Every method takes the tenant first and never
     reads or writes another tenant's rows."""
 
+    @property
+    def write_concurrency(self) -> int:
+        """How many write transactions to run concurrently."""
+
     async def start(self) -> None: ...
 
     async def close(self) -> None: ...
@@ -110,20 +114,24 @@ class Store(Protocol):
 
     async def members(self, tenant_id: str, conv_id: str) -> list[models.Member]: ...
 
+    async def members_many(
+        self, tenant_id: str, conv_ids: Sequence[str]
+    ) -> dict[str, list[models.Member]]: ...
+
     # messages
     async def max_seq(self, tenant_id: str, conv_id: str) -> int:
         """The highest stored seq of the conversation (0 when empty)."""
 
     async def find_by_client_ids(
-        self, tenant_id: str, conv_id: str, keys: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], models.Message]:
-        """Already stored messages by ``(sender_id, client_msg_id)``."""
+        self, tenant_id: str, keys: Sequence[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], models.Message]:
+        """Already stored messages by ``(conv_id, sender_id, client_msg_id)``."""
 
     async def insert_messages(
-        self, tenant_id: str, conv_id: str, messages: Sequence[models.NewMessage]
+        self, tenant_id: str, batches: Mapping[str, Sequence[models.NewMessage]]
     ) -> None:
-        """Store the messages in one transaction, move the conversation's last
-        seq and each sender's read point. Raise
+        """Store the messages of several conversations in one transaction, move
+        each conversation's last seq and each sender's read point. Raise
         :class:`~imhub.runtime.errors.Conflict` (and store nothing) when a seq
         or ``(sender_id, client_msg_id)`` is already taken."""
 

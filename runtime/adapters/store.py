@@ -9,7 +9,7 @@ apart by ``tenant_id``, which every statement filters on in both cases.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -137,6 +137,13 @@ class SqlStore:
     @property
     def engine(self) -> AsyncEngine:
         return self._engine
+
+    @property
+    def write_concurrency(self) -> int:
+        """How many write transactions are worth running at once. SQLite has one
+        writer: concurrent transactions only queue in its busy handler, which
+        sleeps in steps of up to 100 ms, so callers serialize instead."""
+        return 1 if self._engine.dialect.name == "sqlite" else 8
 
     async def start(self) -> None:
         await self.ping()
@@ -395,8 +402,13 @@ class SqlStore:
         return bool(result.rowcount)
 
     async def members(self, tenant_id: str, conv_id: str) -> list[models.Member]:
+        return (await self.members_many(tenant_id, [conv_id])).get(conv_id, [])
+
+    async def members_many(
+        self, tenant_id: str, conv_ids: Sequence[str]
+    ) -> dict[str, list[models.Member]]:
         async with self._connect(tenant_id) as conn:
-            return (await self._members(conn, tenant_id, [conv_id])).get(conv_id, [])
+            return await self._members(conn, tenant_id, conv_ids)
 
     # -- messages -----------------------------------------------------------------
 
@@ -411,37 +423,50 @@ class SqlStore:
         return int(value or 0)
 
     async def find_by_client_ids(
-        self, tenant_id: str, conv_id: str, keys: Sequence[tuple[str, str]]
-    ) -> dict[tuple[str, str], models.Message]:
+        self, tenant_id: str, keys: Sequence[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], models.Message]:
         if not keys:
             return {}
         msg = t.messages.c
+        wanted = set(keys)
         async with self._connect(tenant_id) as conn:
+            # The unique index (tenant, conv, sender, client_msg_id) serves this;
+            # the broad IN lists are narrowed to exact keys below.
             rows = await conn.execute(
                 sa.select(t.messages).where(
                     msg.tenant_id == tenant_id,
-                    msg.conv_id == conv_id,
-                    msg.client_msg_id.in_([k[1] for k in keys]),
+                    msg.conv_id.in_(sorted({k[0] for k in keys})),
+                    msg.client_msg_id.in_(sorted({k[2] for k in keys})),
                 )
             )
-            wanted = set(keys)
             return {
-                (r.sender_id, r.client_msg_id): _message(r)
+                (r.conv_id, r.sender_id, r.client_msg_id): _message(r)
                 for r in rows
-                if (r.sender_id, r.client_msg_id) in wanted
+                if (r.conv_id, r.sender_id, r.client_msg_id) in wanted
             }
 
     async def insert_messages(
-        self, tenant_id: str, conv_id: str, messages: Sequence[models.NewMessage]
+        self, tenant_id: str, batches: Mapping[str, Sequence[models.NewMessage]]
     ) -> None:
-        if not messages:
+        batches = {conv_id: rows for conv_id, rows in batches.items() if rows}
+        if not batches:
             return
         c, m = t.conversations.c, t.members.c
-        top = max(msg.seq for msg in messages)
-        newest = max(msg.created_at for msg in messages)
-        read_points: dict[str, int] = {}
-        for msg in messages:
-            read_points[msg.sender_id] = max(read_points.get(msg.sender_id, 0), msg.seq)
+        convs, read_points = [], []
+        for conv_id, rows in batches.items():
+            convs.append(
+                {
+                    "b_conv": conv_id,
+                    "b_top": max(row.seq for row in rows),
+                    "b_at": max(row.created_at for row in rows),
+                }
+            )
+            senders: dict[str, int] = {}
+            for row in rows:
+                senders[row.sender_id] = max(senders.get(row.sender_id, 0), row.seq)
+            read_points += [
+                {"b_conv": conv_id, "b_user": u, "b_seq": s} for u, s in senders.items()
+            ]
         try:
             async with self._begin(tenant_id) as conn:
                 await conn.execute(
@@ -450,36 +475,39 @@ class SqlStore:
                         {
                             "tenant_id": tenant_id,
                             "conv_id": conv_id,
-                            "seq": msg.seq,
-                            "msg_id": msg.msg_id,
-                            "sender_id": msg.sender_id,
-                            "client_msg_id": msg.client_msg_id,
-                            "type": msg.type,
-                            "content": msg.content,
-                            "created_at": msg.created_at,
+                            "seq": row.seq,
+                            "msg_id": row.msg_id,
+                            "sender_id": row.sender_id,
+                            "client_msg_id": row.client_msg_id,
+                            "type": row.type,
+                            "content": row.content,
+                            "created_at": row.created_at,
                         }
-                        for msg in messages
+                        for conv_id, rows in batches.items()
+                        for row in rows
                     ],
                 )
+                top = sa.bindparam("b_top")
                 await conn.execute(
                     t.conversations.update()
-                    .where(c.tenant_id == tenant_id, c.conv_id == conv_id)
+                    .where(c.tenant_id == tenant_id, c.conv_id == sa.bindparam("b_conv"))
                     .values(
                         last_seq=sa.case((c.last_seq < top, top), else_=c.last_seq),
-                        last_activity_at=newest,
-                    )
+                        last_activity_at=sa.bindparam("b_at"),
+                    ),
+                    convs,
                 )
                 # Sending moves the sender's own read point up to the message.
                 await conn.execute(
                     t.members.update()
                     .where(
                         m.tenant_id == tenant_id,
-                        m.conv_id == conv_id,
+                        m.conv_id == sa.bindparam("b_conv"),
                         m.user_id == sa.bindparam("b_user"),
                         m.last_read_seq < sa.bindparam("b_seq"),
                     )
                     .values(last_read_seq=sa.bindparam("b_seq")),
-                    [{"b_user": u, "b_seq": s} for u, s in read_points.items()],
+                    read_points,
                 )
         except exc.IntegrityError as err:
             raise errors.Conflict("seq or client_msg_id already stored") from err

@@ -1,15 +1,20 @@
 """The message service: dedupe, seq, persistence, read points, events.
 
 Consumes ``im-messages`` (keyed by conv_id, so one conversation's commands
-arrive in order on one partition) and, per batch and conversation:
+arrive in order on one partition). For each batch and tenant it:
 
-1. loads the members once and rejects commands from non-members;
+1. loads the members of every conversation in the batch at once and rejects
+   commands from non-members;
 2. answers retries of an already stored ``client_msg_id`` with the stored
    message (nothing new is written);
-3. reserves a block of seqs from the cache and stores the new messages in one
-   transaction, which also moves each sender's read point;
+3. reserves a block of seqs per conversation from the cache and stores all new
+   messages in one transaction, which also moves each sender's read point;
 4. only then emits ``message_created`` / ``receipt_updated`` to ``im-events``,
    which is how the sender's gateway learns the message is durable.
+
+Read marks in the same batch are applied after its sends: they name their
+seq explicitly and are clamped to the stored maximum, so the order between a
+conversation's sends and reads inside one batch does not change the result.
 """
 
 from __future__ import annotations
@@ -30,6 +35,12 @@ logger = logging.getLogger(__name__)
 
 SYSTEM_SENDER = "system"
 _CONFLICT_RETRIES = 3
+
+Key = tuple[str, str, str]  # (conv_id, sender_id, client_msg_id)
+
+
+def _key(cmd: dict[str, Any]) -> Key:
+    return (cmd["conv_id"], cmd["sender_id"], cmd["client_msg_id"])
 
 
 class MessageService:
@@ -61,17 +72,15 @@ class MessageService:
     # -- batch handling -----------------------------------------------------------
 
     async def handle(self, records: Sequence[ports.Record]) -> None:
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        by_tenant: dict[str, list[dict[str, Any]]] = {}
         for rec in records:
             cmd = self._decode(rec)
             if cmd is not None:
-                groups.setdefault((cmd["tenant_id"], cmd["conv_id"]), []).append(cmd)
-
-        # Conversations are independent: process them concurrently, each in order.
-        results = await asyncio.gather(
-            *(self._conversation(tid, cid, cmds) for (tid, cid), cmds in groups.items())
-        )
-        events = [ev for group_events in results for ev in group_events]
+                by_tenant.setdefault(cmd["tenant_id"], []).append(cmd)
+        events: list[dict[str, Any]] = []
+        for tenant_id, cmds in by_tenant.items():
+            with observability.log_context(tenant_id=tenant_id):
+                events += await self._tenant_batch(tenant_id, cmds)
         await asyncio.gather(*(self._emit(ev) for ev in events))
 
     def _decode(self, rec: ports.Record) -> dict[str, Any] | None:
@@ -83,6 +92,10 @@ class MessageService:
                 raise ValueError("tenant does not match topic")
             if cmd.get("op") not in ("send", "read") or not isinstance(cmd.get("conv_id"), str):
                 raise ValueError(f"unknown op {cmd.get('op')!r}")
+            if cmd["op"] == "send" and not all(
+                isinstance(cmd.get(f), str) for f in ("sender_id", "client_msg_id", "type")
+            ):
+                raise ValueError("send without sender, client_msg_id or type")
         except (ValueError, TypeError) as exc:
             logger.error(
                 "dropping malformed record %s/%d@%d: %s", rec.topic, rec.partition, rec.offset, exc
@@ -97,89 +110,36 @@ class MessageService:
             tenant.names.topic_events, event.get("conv_id", ""), envelopes.encode(event)
         )
 
-    async def _conversation(
-        self, tenant_id: str, conv_id: str, cmds: list[dict[str, Any]]
-    ) -> list[dict[str, Any]]:
-        with observability.log_context(tenant_id=tenant_id, conv_id=conv_id):
-            members = {m.user_id for m in await self._store.members(tenant_id, conv_id)}
-            events: list[dict[str, Any]] = []
-            sends: list[dict[str, Any]] = []
-            # Keep commands in order: a read after a send must see the send stored.
-            for cmd in cmds:
-                if cmd["op"] == "send":
-                    sends.append(cmd)
-                    continue
-                if sends:
-                    events += await self._sends(tenant_id, conv_id, members, sends)
-                    sends = []
-                events += await self._read(tenant_id, conv_id, members, cmd)
-            if sends:
-                events += await self._sends(tenant_id, conv_id, members, sends)
-            return events
-
-    # -- send ---------------------------------------------------------------------
-
-    async def _sends(
-        self, tenant_id: str, conv_id: str, members: set[str], cmds: list[dict[str, Any]]
+    async def _tenant_batch(
+        self, tenant_id: str, cmds: list[dict[str, Any]]
     ) -> list[dict[str, Any]]:
         tenant = self._registry.get(tenant_id)
         assert tenant is not None
+        conv_ids = sorted({c["conv_id"] for c in cmds})
+        members = {
+            conv_id: {m.user_id for m in rows}
+            for conv_id, rows in (await self._store.members_many(tenant_id, conv_ids)).items()
+        }
         events: list[dict[str, Any]] = []
-        accepted: list[dict[str, Any]] = []
+        sends: list[dict[str, Any]] = []
         for cmd in cmds:
+            if cmd["op"] != "send":
+                continue
             try:
-                self._check_send(tenant, members, cmd)
+                self._check_send(tenant, members.get(cmd["conv_id"], set()), cmd)
             except errors.ImhubError as err:
                 events.append(envelopes.reply_error(tenant_id, cmd.get("reply"), err.to_dict()))
                 continue
-            accepted.append(cmd)
-        if not accepted:
-            return events
-
-        for attempt in range(_CONFLICT_RETRIES + 1):
-            try:
-                stored, fresh = await self._store_new(tenant_id, conv_id, accepted)
-                break
-            except errors.Conflict:
-                # The counter was behind the table (a cache flush raced a write,
-                # or another consumer held this partition): move it past the
-                # stored maximum and try again; dedupe runs again too.
-                if attempt == _CONFLICT_RETRIES:
-                    raise errors.TemporaryError("seq conflict persisted") from None
-                top = await self._store.max_seq(tenant_id, conv_id)
-                await self._cache.reset_seq(tenant_id, conv_id, top)
-                logger.warning("seq conflict, counter moved to %d", top)
-
-        member_list = sorted(members)
-        fresh_ids = {id(cmd) for cmd in fresh}
-        for cmd in accepted:
-            msg = stored[(cmd["sender_id"], cmd["client_msg_id"])]
-            is_new = id(cmd) in fresh_ids
-            data = {"msg_id": msg.msg_id, "seq": msg.seq, "created_at": msg.created_at.isoformat()}
-            if is_new:
-                observability.MESSAGES.labels(tenant_id).inc()
-                events.append(
-                    {
-                        "op": "message_created",
-                        "tenant_id": tenant_id,
-                        "conv_id": conv_id,
-                        "members": member_list,
-                        "message": msg.to_wire(),
-                        "reply": cmd.get("reply"),
-                        "ack": data,
-                        "sent_at": cmd.get("sent_at"),
-                    }
-                )
-            else:
-                events.append(envelopes.reply_ok(tenant_id, cmd.get("reply"), data))
-        if self._notifier is not None and fresh:
-            await self._notifier.offline(
-                tenant_id,
-                conv_id,
-                member_list,
-                [stored[(c["sender_id"], c["client_msg_id"])] for c in fresh],
-            )
+            sends.append(cmd)
+        if sends:
+            events += await self._sends(tenant_id, members, sends)
+        for cmd in cmds:
+            if cmd["op"] == "read":
+                with observability.log_context(conv_id=cmd["conv_id"]):
+                    events += await self._read(tenant_id, members.get(cmd["conv_id"], set()), cmd)
         return events
+
+    # -- send ---------------------------------------------------------------------
 
     @staticmethod
     def _check_send(tenant: tenants.Tenant, members: set[str], cmd: dict[str, Any]) -> None:
@@ -194,68 +154,125 @@ class MessageService:
             server_made=server_made,
         )
 
-    async def _store_new(
+    async def _sends(
+        self, tenant_id: str, members: dict[str, set[str]], cmds: list[dict[str, Any]]
+    ) -> list[dict[str, Any]]:
+        try:
+            stored, fresh = await self._store_new(tenant_id, cmds)
+        except errors.Conflict:
+            # A counter was behind its table (a cache flush raced a write, or
+            # another consumer held a partition). Redo conversation by
+            # conversation, moving each counter past its stored maximum.
+            stored, fresh = {}, []
+            for conv_id in dict.fromkeys(c["conv_id"] for c in cmds):
+                part = [c for c in cmds if c["conv_id"] == conv_id]
+                got, new = await self._store_one_conversation(tenant_id, conv_id, part)
+                stored.update(got)
+                fresh += new
+
+        events: list[dict[str, Any]] = []
+        fresh_ids = {id(cmd) for cmd in fresh}
+        for cmd in cmds:
+            msg = stored[_key(cmd)]
+            data = {"msg_id": msg.msg_id, "seq": msg.seq, "created_at": msg.created_at.isoformat()}
+            if id(cmd) not in fresh_ids:
+                events.append(envelopes.reply_ok(tenant_id, cmd.get("reply"), data))
+                continue
+            observability.MESSAGES.labels(tenant_id).inc()
+            events.append(
+                {
+                    "op": "message_created",
+                    "tenant_id": tenant_id,
+                    "conv_id": msg.conv_id,
+                    "members": sorted(members.get(msg.conv_id, ())),
+                    "message": msg.to_wire(),
+                    "reply": cmd.get("reply"),
+                    "ack": data,
+                    "sent_at": cmd.get("sent_at"),
+                }
+            )
+        if self._notifier is not None and fresh:
+            await self._notifier.offline(tenant_id, [stored[_key(c)] for c in fresh], members)
+        return events
+
+    async def _store_one_conversation(
         self, tenant_id: str, conv_id: str, cmds: list[dict[str, Any]]
-    ) -> tuple[dict[tuple[str, str], models.Message], list[dict[str, Any]]]:
+    ) -> tuple[dict[Key, models.Message], list[dict[str, Any]]]:
+        with observability.log_context(conv_id=conv_id):
+            for attempt in range(_CONFLICT_RETRIES + 1):
+                top = await self._store.max_seq(tenant_id, conv_id)
+                await self._cache.reset_seq(tenant_id, conv_id, top)
+                try:
+                    return await self._store_new(tenant_id, cmds)
+                except errors.Conflict:
+                    logger.warning("seq conflict (attempt %d), counter moved to %d", attempt, top)
+        raise errors.TemporaryError("seq conflict persisted")
+
+    async def _store_new(
+        self, tenant_id: str, cmds: list[dict[str, Any]]
+    ) -> tuple[dict[Key, models.Message], list[dict[str, Any]]]:
         """Store what is new; return every command's message and the new commands."""
-        keys = [(c["sender_id"], c["client_msg_id"]) for c in cmds]
-        stored = await self._store.find_by_client_ids(tenant_id, conv_id, keys)
-        fresh: list[dict[str, Any]] = []
+        stored = await self._store.find_by_client_ids(tenant_id, [_key(c) for c in cmds])
+        fresh_by_conv: dict[str, list[dict[str, Any]]] = {}
         seen = set(stored)
-        for cmd, key in zip(cmds, keys, strict=True):
+        for cmd in cmds:
+            key = _key(cmd)
             if key not in seen:  # also dedupes a retry inside the same batch
                 seen.add(key)
-                fresh.append(cmd)
-        if not fresh:
+                fresh_by_conv.setdefault(cmd["conv_id"], []).append(cmd)
+        if not fresh_by_conv:
             return stored, []
 
-        first = await self._cache.allocate_seq(
-            tenant_id, conv_id, len(fresh), lambda: self._store.max_seq(tenant_id, conv_id)
-        )
         now = datetime.now(UTC)
-        rows = [
-            models.NewMessage(
-                msg_id=uuid.uuid4().hex,
-                seq=first + i,
-                sender_id=cmd["sender_id"],
-                type=cmd["type"],
-                content=cmd["content"],
-                client_msg_id=cmd["client_msg_id"],
-                created_at=now,
+        rows: dict[str, list[models.NewMessage]] = {}
+        blocks: list[tuple[str, int, int]] = []
+        for conv_id, fresh in fresh_by_conv.items():
+            first = await self._cache.allocate_seq(
+                tenant_id, conv_id, len(fresh), lambda c=conv_id: self._store.max_seq(tenant_id, c)
             )
-            for i, cmd in enumerate(fresh)
-        ]
+            blocks.append((conv_id, first, len(fresh)))
+            rows[conv_id] = [
+                models.NewMessage(
+                    msg_id=uuid.uuid4().hex,
+                    seq=first + i,
+                    sender_id=cmd["sender_id"],
+                    type=cmd["type"],
+                    content=cmd["content"],
+                    client_msg_id=cmd["client_msg_id"],
+                    created_at=now,
+                )
+                for i, cmd in enumerate(fresh)
+            ]
         try:
-            await self._store.insert_messages(tenant_id, conv_id, rows)
+            await self._store.insert_messages(tenant_id, rows)
         except errors.Unavailable:
-            # Hand the block back so an outage leaves no hole in the seq order.
-            await self._cache.release_seq(tenant_id, conv_id, first, len(rows))
+            # Hand the blocks back so an outage leaves no hole in the seq order.
+            for conv_id, first, count in blocks:
+                await self._cache.release_seq(tenant_id, conv_id, first, count)
             raise
-        for row in rows:
-            stored[(row.sender_id, row.client_msg_id)] = models.Message(
-                msg_id=row.msg_id,
-                conv_id=conv_id,
-                seq=row.seq,
-                sender_id=row.sender_id,
-                type=row.type,
-                content=row.content,
-                client_msg_id=row.client_msg_id,
-                created_at=row.created_at,
-            )
-        return stored, fresh
+        for conv_id, new_rows in rows.items():
+            for row in new_rows:
+                stored[(conv_id, row.sender_id, row.client_msg_id)] = models.Message(
+                    msg_id=row.msg_id,
+                    conv_id=conv_id,
+                    seq=row.seq,
+                    sender_id=row.sender_id,
+                    type=row.type,
+                    content=row.content,
+                    client_msg_id=row.client_msg_id,
+                    created_at=row.created_at,
+                )
+        return stored, [cmd for fresh in fresh_by_conv.values() for cmd in fresh]
 
     # -- read ---------------------------------------------------------------------
 
     async def _read(
-        self, tenant_id: str, conv_id: str, members: set[str], cmd: dict[str, Any]
+        self, tenant_id: str, members: set[str], cmd: dict[str, Any]
     ) -> list[dict[str, Any]]:
-        user_id, reply = cmd.get("user_id"), cmd.get("reply")
+        conv_id, user_id, reply = cmd["conv_id"], cmd.get("user_id"), cmd.get("reply")
         if user_id not in members:
-            return [
-                envelopes.reply_error(
-                    tenant_id, reply, errors.NotFound("conversation not found").to_dict()
-                )
-            ]
+            err = errors.NotFound("conversation not found")
+            return [envelopes.reply_error(tenant_id, reply, err.to_dict())]
         value, moved = await self._store.mark_read(
             tenant_id, conv_id, str(user_id), int(cmd.get("seq", 0))
         )
