@@ -45,14 +45,17 @@ class MemoryBus:
         self._partitions = partitions
         self._topics: dict[str, list[_Partition]] = {}
         self._committed: dict[str, dict[tuple[str, int], int]] = {}  # group -> offsets
-        self._changed = asyncio.Condition()
+        self._waiters: set[asyncio.Event] = set()
 
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        self._wake()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            waiter.set()
 
     async def ensure_topics(self, topics: Sequence[str]) -> None:
         for topic in topics:
@@ -69,8 +72,7 @@ class MemoryBus:
         index = partition_for(key, len(parts))
         part = parts[index]
         part.records.append(ports.Record(topic, index, part.end, key, value))
-        async with self._changed:
-            self._changed.notify_all()
+        self._wake()
 
     def consumer(
         self, topics: Sequence[str], group: str, *, from_latest: bool = False
@@ -130,8 +132,11 @@ class MemoryConsumer:
         if records:
             return records
         deadline = time.monotonic() + timeout
-        async with self._bus._changed:
+        waiter = asyncio.Event()
+        self._bus._waiters.add(waiter)
+        try:
             while not self._closed:
+                waiter.clear()  # before looking, so a produce in between still wakes us
                 records = self._take(max_records)
                 if records:
                     return records
@@ -139,9 +144,11 @@ class MemoryConsumer:
                 if remaining <= 0:
                     return []
                 try:
-                    await asyncio.wait_for(self._bus._changed.wait(), remaining)
+                    await asyncio.wait_for(waiter.wait(), remaining)
                 except TimeoutError:
                     return []
+        finally:
+            self._bus._waiters.discard(waiter)
         return []
 
     async def commit(self, records: Sequence[ports.Record]) -> None:
@@ -156,8 +163,7 @@ class MemoryConsumer:
     async def close(self) -> None:
         self._closed = True
         # A closed consumer's uncommitted records are redelivered to the group.
-        async with self._bus._changed:
-            self._bus._changed.notify_all()
+        self._bus._wake()
 
 
 class MemoryCache:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import contextlib
 import logging
 import time
@@ -129,6 +130,10 @@ class Hub:
         self._ack_timeout = ack_timeout
         self._conns: dict[tuple[str, str], set[Connection]] = {}
         self._pending: dict[str, _Pending] = {}
+        # Reply ids only need to be unique per gateway instance; a counter is
+        # cheaper than uuid4 on the hot path, the prefix survives restarts.
+        self._request_prefix = f"{uuid.uuid4().hex[:8]}-"
+        self._request_ids = itertools.count(1)
         self.ready = asyncio.Event()
 
     # -- connections --------------------------------------------------------------
@@ -175,7 +180,7 @@ class Hub:
         event: str,
     ) -> None:
         """Put a command on the bus; its ack is sent when the answering event arrives."""
-        request_id = uuid.uuid4().hex
+        request_id = f"{self._request_prefix}{next(self._request_ids)}"
         command["reply"] = {"instance": self.instance_id, "request_id": request_id}
         self._pending[request_id] = _Pending(conn, ack_id, event)
         try:
