@@ -33,7 +33,7 @@ from botocore.credentials import Credentials
 from imhub.runtime import errors, ports, tenancy
 from imhub.runtime.adapters import s3_admin
 from imhub.runtime.adapters.s3 import S3MediaStore
-from tests.harness import free_port
+from tests.harness import EmbeddedServer, free_port, make_tenants
 from tests.realservices import ServiceSet
 
 pytestmark = pytest.mark.services
@@ -764,3 +764,84 @@ async def test_bad_arguments_are_bugs(tenant_a: Tenant) -> None:
         await tenant_a.store.presign_download(tenant_a.tenant_id, key, expires_in=8 * 86400)
     with pytest.raises(ValueError):
         await tenant_a.store.presign_download(tenant_a.tenant_id, tenant_a.prefix, expires_in=60)
+
+
+# -- the gateway on S3 ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def s3_server(
+    tmp_path_factory: pytest.TempPathFactory, s3env: dict[str, str], admin: Any
+) -> Iterator[EmbeddedServer]:
+    tenant_id = f"gw-{secrets.token_hex(3)}"
+    srv = EmbeddedServer(
+        tmp_path_factory.mktemp("s3gw"),
+        make_tenants(tenant_id, max_upload_bytes=4096),
+        s3_endpoint=s3env["S3_ENDPOINT"],
+        s3_access_key=s3env["S3_ACCESS_KEY"],
+        s3_secret_key=s3env["S3_SECRET_KEY"],
+        s3_region=s3env["S3_REGION"],
+    )
+    srv.start()
+    yield srv
+    srv.stop()
+    s3_admin.delete_bucket(admin, tenancy.names_for(tenant_id).bucket)
+
+
+async def test_gateway_upload_token_and_download_url_on_s3(
+    s3_server: EmbeddedServer, admin: Any
+) -> None:
+    """`imhub serve` with IMHUB_S3_ENDPOINT: the bucket is made at start, tickets are S3's."""
+    (tenant_id,) = s3_server.tenants
+    bucket = tenancy.names_for(tenant_id).bucket
+    assert s3_admin.bucket_exists(admin, bucket)
+
+    async with s3_server.rest(tenant_id, "alice") as alice:
+        created = await alice.post(
+            "/v1/im/conversations", json={"type": "direct", "member_ids": ["bob"]}
+        )
+        conv_id = created.json()["conv_id"]
+        response = await alice.post(
+            "/v1/im/media/upload-token",
+            json={
+                "conv_id": conv_id,
+                "file_name": "cat.png",
+                "content_type": "image/png",
+                "size": len(PNG),
+            },
+        )
+        assert response.status_code == 200, response.text
+        doc = response.json()
+        refused = await alice.post(
+            "/v1/im/media/upload-token",
+            json={
+                "conv_id": conv_id,
+                "file_name": "big",
+                "content_type": "image/png",
+                "size": 5000,
+            },
+        )
+        assert refused.status_code == 413
+    assert doc["method"] == "POST" and doc["url"].endswith(f"/{bucket}")
+    assert doc["fields"]["key"] == doc["key"]
+
+    async with httpx.AsyncClient(timeout=10) as http:
+        too_big = await http.post(
+            doc["url"], data=doc["fields"], files={"file": ("f", PNG + b"!", "image/png")}
+        )
+        assert too_big.status_code == 400 and s3_code(too_big) == "EntityTooLarge"
+        ok = await http.post(
+            doc["url"], data=doc["fields"], files={"file": ("f", PNG, "image/png")}
+        )
+        assert ok.status_code == 204, ok.text
+
+    async with s3_server.rest(tenant_id, "bob") as bob:
+        link = await bob.get("/v1/im/media/download-url", params={"key": doc["key"]})
+    assert link.status_code == 200
+    async with s3_server.rest(tenant_id, "eve") as eve:
+        hidden = await eve.get("/v1/im/media/download-url", params={"key": doc["key"]})
+    assert hidden.status_code == 404
+    async with httpx.AsyncClient(timeout=10) as http:
+        got = await http.get(link.json()["url"])
+    assert got.status_code == 200 and got.content == PNG
+    assert got.headers["content-type"] == "image/png"
