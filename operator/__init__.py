@@ -16,10 +16,9 @@ but modules loaded at interpreter start, because it can run while
 """
 
 if __name__ == "operator":  # pragma: no cover - exercised by a subprocess test
+    import _frozen_importlib_external as _external
     import os as _os
     import sys as _sys
-
-    import _frozen_importlib_external as _external
 
     _loader = _external.SourceFileLoader(
         "operator", _os.path.join(_os.path.dirname(_os.__file__), "operator.py")
