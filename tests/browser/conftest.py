@@ -11,7 +11,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,8 +65,17 @@ class DemoServer:
         env = {**os.environ, "IMHUB_IDLE_TIMEOUT_SECONDS": str(IDLE_TIMEOUT_SECONDS)}
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "imhub", "serve", "--demo", "--data-dir",
-                 str(self.data_dir), "--port", str(self.port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "imhub",
+                    "serve",
+                    "--demo",
+                    "--data-dir",
+                    str(self.data_dir),
+                    "--port",
+                    str(self.port),
+                ],
                 stdout=log,
                 stderr=log,
                 env=env,
@@ -145,9 +154,7 @@ class UserPage:
 
 
 @pytest.fixture
-def open_page(
-    browser: Any, demo_server: DemoServer
-) -> Iterator[Callable[..., UserPage]]:
+def open_page(browser: Any, demo_server: DemoServer) -> Iterator[Callable[..., UserPage]]:
     """``open_page("alice")``: a fresh browser context signed in through the user picker."""
     contexts: list[Any] = []
 
@@ -189,11 +196,14 @@ def open_page(
         context.close()
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report = outcome.get_result()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On failure, attach the tail of the demo server's log to the report."""
+    report = yield
     if report.when == "call" and report.failed:
-        server = item.funcargs.get("demo_server") if hasattr(item, "funcargs") else None
+        server = getattr(item, "funcargs", {}).get("demo_server")
         if isinstance(server, DemoServer):
             report.sections.append(("demo server log (tail)", server.log()[-4000:]))
+    return report

@@ -192,15 +192,17 @@ def test_image_upload_and_display(
     alice.page.get_by_test_id("file-input").set_input_files(
         files=[{"name": "gradient.png", "mimeType": "image/png", "buffer": png}]
     )
-    sent = alice.page.get_by_test_id("message").filter(
-        has=alice.page.get_by_test_id("message-image")
-    ).last
+    sent = (
+        alice.page.get_by_test_id("message")
+        .filter(has=alice.page.get_by_test_id("message-image"))
+        .last
+    )
     expect(sent).to_have_attribute("data-status", "sent")
     seq = sent.get_attribute("data-seq")
     assert seq and seq.isdigit()
-    assert any(
-        "/v1/im/media/upload-token" in url for url in alice.requests
-    ), "the page should ask for an upload URL"
+    assert any("/v1/im/media/upload-token" in url for url in alice.requests), (
+        "the page should ask for an upload URL"
+    )
 
     got = bob.page.locator(f'[data-testid="message"][data-seq="{seq}"]')
     expect(got).to_have_attribute("data-sender", "alice")
