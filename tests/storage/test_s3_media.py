@@ -18,7 +18,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -566,14 +566,15 @@ async def test_tenant_credentials_reach_only_their_own_bucket(
         region=s3env["S3_REGION"],
     )
     try:
-        for call in (
+        calls: list[Callable[[], object]] = [
             lambda: b_client.get_object(Bucket=tenant_a.bucket, Key=stored),
             lambda: b_client.put_object(
                 Bucket=tenant_a.bucket, Key=f"{tenant_a.prefix}x", Body=b""
             ),
             lambda: b_client.list_objects_v2(Bucket=tenant_a.bucket),
             lambda: b_client.put_bucket_policy(Bucket=tenant_b.bucket, Policy="{}"),
-        ):
+        ]
+        for call in calls:
             with pytest.raises(botocore.exceptions.ClientError) as info:
                 call()
             assert s3_admin.error_code(info.value) in ("AccessDenied", "403")

@@ -126,7 +126,8 @@ async def ice_servers(server: EmbeddedServer, tenant_id: str, user_id: str) -> d
 def turn_entry(doc: dict[str, Any]) -> dict[str, Any]:
     entries = [s for s in doc["ice_servers"] if "credential" in s]
     assert len(entries) == 1, doc
-    return entries[0]
+    entry: dict[str, Any] = entries[0]
+    return entry
 
 
 async def test_ice_servers_carry_credentials_coturn_accepts(
