@@ -22,6 +22,7 @@ __all__ = [
     "Record",
     "Store",
     "UploadTicket",
+    "WebhookSender",
 ]
 
 
@@ -234,3 +235,12 @@ class ObjectStore(Protocol):
         ``content_type`` at ``key`` until it expires."""
 
     async def presign_download(self, tenant_id: str, key: str, *, expires_in: int) -> str: ...
+
+
+# -- webhooks -------------------------------------------------------------------
+
+
+class WebhookSender(Protocol):
+    def submit(self, url: str, secret: str | None, event: dict[str, Any]) -> bool:
+        """Queue one webhook call without waiting; ``False`` when the queue is
+        full (the event is dropped and counted, never blocking the caller)."""

@@ -89,7 +89,8 @@ class Tenant(BaseModel):
     api_key: str | None = Field(default=None, min_length=16, repr=False)
     limits: TenantLimits = TenantLimits()
     turn_secret: str | None = Field(default=None, repr=False)
-    webhook_url: str | None = None
+    webhook_url: str | None = Field(default=None, pattern=r"^https?://")
+    webhook_secret: str | None = Field(default=None, min_length=16, repr=False)
 
     @field_validator("tenant_id")
     @classmethod

@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from imhub.runtime import auth, errors, ports, settings, tenants
-from imhub.runtime.adapters import media, memory, store
-from imhub.runtime.services import messages, rtc
+from imhub.runtime.adapters import media, memory, store, webhook
+from imhub.runtime.services import messages, push, rtc
 
 __all__ = ["ROLES", "Runtime"]
 
@@ -55,6 +55,7 @@ class Runtime:
             self.database_url.startswith("sqlite") if auto_migrate is None else auto_migrate
         )
         self.stop_event = asyncio.Event()
+        self._webhooks: webhook.HttpWebhookSender | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- construction -------------------------------------------------------------
@@ -127,11 +128,19 @@ class Runtime:
         await self.bus.ensure_topics([t for tn in self.registry for t in tn.names.topics])
 
         if "message-service" in self.roles:
+            notifier = None
+            if any(t.webhook_url for t in self.registry):
+                self._webhooks = webhook.HttpWebhookSender()
+                await self._webhooks.start()
+                notifier = push.OfflinePush(
+                    registry=self.registry, cache=self.cache, sender=self._webhooks
+                )
             svc = messages.MessageService(
                 registry=self.registry,
                 store=self.store,
                 cache=self.cache,
                 bus=self.bus,
+                notifier=notifier,
                 batch=self.config.consumer_batch,
             )
             self.spawn(svc.run(self.stop_event), "message-service")
@@ -182,6 +191,8 @@ class Runtime:
         for task in self._tasks:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(task, 5)
+        if self._webhooks is not None:
+            await self._webhooks.close()
         await self.bus.close()
         await self.cache.close()
         await self.media.close()

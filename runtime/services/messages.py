@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from imhub.runtime import envelopes, errors, models, observability, ports, protocol, tenants
-from imhub.runtime.services import worker
+from imhub.runtime.services import push, worker
 
 __all__ = ["SYSTEM_SENDER", "MessageService"]
 
@@ -51,7 +51,7 @@ class MessageService:
         store: ports.Store,
         cache: ports.Cache,
         bus: ports.Bus,
-        notifier: Any | None = None,
+        notifier: push.OfflinePush | None = None,
         batch: int = 500,
     ) -> None:
         self._registry = registry
