@@ -95,8 +95,7 @@ class _Server:
         self.tenant = {
             "tenant_id": "bench",
             "keys": [{"kid": "k1", "alg": "HS256", "secret": secrets.token_urlsafe(32)}],
-            "limits": {"rate_per_second": 1000, "rate_burst": 2000,
-                       "max_connections_per_user": 10},
+            "limits": {"rate_per_second": 1000, "rate_burst": 2000, "max_connections_per_user": 10},
         }
         data_dir.mkdir(parents=True, exist_ok=True)
         self.tenants_file = data_dir / "tenants.yaml"
@@ -106,9 +105,21 @@ class _Server:
     def start(self) -> None:
         env = {**os.environ, "IMHUB_LOG_LEVEL": "WARNING"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "imhub", "serve", "--data-dir", str(self.data_dir),
-             "--tenants", str(self.tenants_file), "--port", str(self.port)],
-            env=env, stdout=subprocess.DEVNULL, stderr=open(self.data_dir / "server.log", "ab"),  # noqa: SIM115
+            [
+                sys.executable,
+                "-m",
+                "imhub",
+                "serve",
+                "--data-dir",
+                str(self.data_dir),
+                "--tenants",
+                str(self.tenants_file),
+                "--port",
+                str(self.port),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.data_dir / "server.log", "ab"),  # noqa: SIM115
         )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -143,17 +154,21 @@ def _minter(tenant: dict[str, Any]) -> Any:
 
     def mint(user: str) -> str:
         now = int(time.time())
-        return jwt.encode({"sub": user, "tenant_id": tenant["tenant_id"], "iat": now,
-                           "exp": now + 3600}, key["secret"], algorithm="HS256",
-                          headers={"kid": key["kid"]})
+        return jwt.encode(
+            {"sub": user, "tenant_id": tenant["tenant_id"], "iat": now, "exp": now + 3600},
+            key["secret"],
+            algorithm="HS256",
+            headers={"kid": key["kid"]},
+        )
 
     return mint
 
 
 async def _connect(url: str, token: str) -> Any:
     ws = await websockets.connect(url, max_size=None, ping_interval=None, compression=None)
-    await ws.send(orjson.dumps({"event": "authorize", "payload": {"token": token},
-                                "ack_id": "auth"}).decode())
+    await ws.send(
+        orjson.dumps({"event": "authorize", "payload": {"token": token}, "ack_id": "auth"}).decode()
+    )
     reply = orjson.loads(await ws.recv())
     if not reply["payload"].get("success"):
         raise RuntimeError(f"authorize failed: {reply}")
@@ -183,8 +198,9 @@ async def _reader(ws: Any, stats: _Stats, me: str) -> None:
                     stats.deliver.append(now - started)
 
 
-async def _run(args: argparse.Namespace, urls: list[str], tenant: dict[str, Any],
-               server_pid: int | None) -> int:
+async def _run(
+    args: argparse.Namespace, urls: list[str], tenant: dict[str, Any], server_pid: int | None
+) -> int:
     mint = _minter(tenant)
     ws_urls = [u.replace("http://", "ws://", 1).rstrip("/") + "/v1/im/ws" for u in urls]
     run_id = secrets.token_hex(3)
@@ -201,9 +217,11 @@ async def _run(args: argparse.Namespace, urls: list[str], tenant: dict[str, Any]
                 continue
             creator = group[0]
             others = group[1:] or [f"bench-{run_id}-listener"]
-            resp = await http.post("/v1/im/conversations",
-                                   json={"type": "group", "member_ids": others, "name": "bench"},
-                                   headers={"Authorization": f"Bearer {mint(creator)}"})
+            resp = await http.post(
+                "/v1/im/conversations",
+                json={"type": "group", "member_ids": others, "name": "bench"},
+                headers={"Authorization": f"Bearer {mint(creator)}"},
+            )
             resp.raise_for_status()
             convs.append(resp.json()["conv_id"])
     conv_of = {u: convs[i % len(convs)] for i, u in enumerate(users)}
@@ -211,13 +229,18 @@ async def _run(args: argparse.Namespace, urls: list[str], tenant: dict[str, Any]
     stats = _Stats()
     sockets = []
     for i in range(0, len(users), 100):
-        chunk = users[i:i + 100]
-        sockets += await asyncio.gather(*(
-            _connect(ws_urls[(i + j) % len(ws_urls)], mint(u)) for j, u in enumerate(chunk)))
-    readers = [asyncio.create_task(_reader(ws, stats, u)) for ws, u in zip(sockets, users,
-                                                                           strict=True)]
-    print(f"bench: {len(sockets)} clients in {len(convs)} conversations on "
-          f"{len(urls)} gateway(s); {args.rate:g} msg/s for {args.duration:g}s", flush=True)
+        chunk = users[i : i + 100]
+        sockets += await asyncio.gather(
+            *(_connect(ws_urls[(i + j) % len(ws_urls)], mint(u)) for j, u in enumerate(chunk))
+        )
+    readers = [
+        asyncio.create_task(_reader(ws, stats, u)) for ws, u in zip(sockets, users, strict=True)
+    ]
+    print(
+        f"bench: {len(sockets)} clients in {len(convs)} conversations on "
+        f"{len(urls)} gateway(s); {args.rate:g} msg/s for {args.duration:g}s",
+        flush=True,
+    )
 
     # Pace sends in 5 ms ticks, round-robin over the clients.
     tick = 0.005
@@ -228,7 +251,7 @@ async def _run(args: argparse.Namespace, urls: list[str], tenant: dict[str, Any]
     next_tick = start
     index = 0
     dumps = orjson.dumps
-    while (now := time.perf_counter()) - start < args.duration:
+    while time.perf_counter() - start < args.duration:
         budget += per_tick
         while budget >= 1:
             budget -= 1
@@ -237,16 +260,27 @@ async def _run(args: argparse.Namespace, urls: list[str], tenant: dict[str, Any]
             index += 1
             cid = f"{run_id}-{sent}"
             stats.sent_at[cid] = time.perf_counter()
-            await ws.send(dumps({"event": "send_message", "ack_id": cid, "payload": {
-                "conv_id": conv_of[user], "client_msg_id": cid, "type": "text",
-                "content": {"text": "benchmark message payload of modest size"}}}).decode())
+            await ws.send(
+                dumps(
+                    {
+                        "event": "send_message",
+                        "ack_id": cid,
+                        "payload": {
+                            "conv_id": conv_of[user],
+                            "client_msg_id": cid,
+                            "type": "text",
+                            "content": {"text": "benchmark message payload of modest size"},
+                        },
+                    }
+                ).decode()
+            )
             sent += 1
         next_tick += tick
         await asyncio.sleep(max(0.0, next_tick - time.perf_counter()))
     elapsed = time.perf_counter() - start
     # Let in-flight messages land.
     deadline = time.perf_counter() + 10
-    while len(stats.ack) + sum(stats.errors.values()) < sent and time.perf_counter() < deadline:
+    while len(stats.ack) + sum(stats.errors.values()) < sent and time.perf_counter() < deadline:  # noqa: ASYNC110 - a bounded poll of counters
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
 
@@ -254,10 +288,14 @@ async def _run(args: argparse.Namespace, urls: list[str], tenant: dict[str, Any]
     print(f"sent            {sent} in {elapsed:.1f}s ({sent / elapsed:.0f} msg/s offered)")
     print(f"acked           {acked} ({acked / elapsed:.0f} msg/s), errors {stats.errors or 0}")
     print(f"delivered       {stats.delivered} frames to other members")
-    print(f"send->ack       p50 {_pct(stats.ack, .5):.1f} ms  p95 {_pct(stats.ack, .95):.1f} ms"
-          f"  p99 {_pct(stats.ack, .99):.1f} ms")
-    print(f"send->deliver   p50 {_pct(stats.deliver, .5):.1f} ms  p95 "
-          f"{_pct(stats.deliver, .95):.1f} ms  p99 {_pct(stats.deliver, .99):.1f} ms")
+    print(
+        f"send->ack       p50 {_pct(stats.ack, 0.5):.1f} ms  p95 {_pct(stats.ack, 0.95):.1f} ms"
+        f"  p99 {_pct(stats.ack, 0.99):.1f} ms"
+    )
+    print(
+        f"send->deliver   p50 {_pct(stats.deliver, 0.5):.1f} ms  p95 "
+        f"{_pct(stats.deliver, 0.95):.1f} ms  p99 {_pct(stats.deliver, 0.99):.1f} ms"
+    )
 
     per_conn = None
     if args.idle:
@@ -266,15 +304,20 @@ async def _run(args: argparse.Namespace, urls: list[str], tenant: dict[str, Any]
         idle: list[Any] = []
         for i in range(0, args.idle, 200):
             n = min(200, args.idle - i)
-            idle += await asyncio.gather(*(
-                _connect(ws_urls[(i + j) % len(ws_urls)], mint(f"idle-{run_id}-{i + j}"))
-                for j in range(n)))
+            idle += await asyncio.gather(
+                *(
+                    _connect(ws_urls[(i + j) % len(ws_urls)], mint(f"idle-{run_id}-{i + j}"))
+                    for j in range(n)
+                )
+            )
         await asyncio.sleep(2)
         after = _rss(server_pid)
         if before is not None and after is not None:
             per_conn = (after - before) / len(idle)
-            print(f"idle conns      {len(idle)}: server RSS {before / 2**20:.0f} -> "
-                  f"{after / 2**20:.0f} MiB, {per_conn / 1024:.1f} KiB per connection")
+            print(
+                f"idle conns      {len(idle)}: server RSS {before / 2**20:.0f} -> "
+                f"{after / 2**20:.0f} MiB, {per_conn / 1024:.1f} KiB per connection"
+            )
         else:
             print(f"idle conns      {len(idle)} open (pass --server-pid to measure memory)")
         await asyncio.gather(*(ws.close() for ws in idle), return_exceptions=True)
@@ -283,12 +326,14 @@ async def _run(args: argparse.Namespace, urls: list[str], tenant: dict[str, Any]
         await ws.close()
     for task in readers:
         task.cancel()
-    summary = (f"SUMMARY msgs/s={acked / elapsed:.0f} ack_p50_ms={_pct(stats.ack, .5):.1f} "
-               f"ack_p99_ms={_pct(stats.ack, .99):.1f} "
-               f"deliver_p50_ms={_pct(stats.deliver, .5):.1f} "
-               f"deliver_p95_ms={_pct(stats.deliver, .95):.1f} "
-               f"deliver_p99_ms={_pct(stats.deliver, .99):.1f} "
-               f"errors={sum(stats.errors.values())}")
+    summary = (
+        f"SUMMARY msgs/s={acked / elapsed:.0f} ack_p50_ms={_pct(stats.ack, 0.5):.1f} "
+        f"ack_p99_ms={_pct(stats.ack, 0.99):.1f} "
+        f"deliver_p50_ms={_pct(stats.deliver, 0.5):.1f} "
+        f"deliver_p95_ms={_pct(stats.deliver, 0.95):.1f} "
+        f"deliver_p99_ms={_pct(stats.deliver, 0.99):.1f} "
+        f"errors={sum(stats.errors.values())}"
+    )
     if per_conn is not None:
         summary += f" idle_kib_per_conn={per_conn / 1024:.1f}"
     print(summary, flush=True)

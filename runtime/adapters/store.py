@@ -487,7 +487,7 @@ class SqlStore:
                         for row in rows
                     ],
                 )
-                top = sa.bindparam("b_top")
+                top: sa.BindParameter[int] = sa.bindparam("b_top", type_=sa.BigInteger)
                 await conn.execute(
                     t.conversations.update()
                     .where(c.tenant_id == tenant_id, c.conv_id == sa.bindparam("b_conv"))

@@ -83,7 +83,7 @@ class HttpWebhookSender:
             try:
                 await self._deliver(url, secret, event)
                 WEBHOOKS.labels("delivered").inc()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the worker must outlive any failure
                 WEBHOOKS.labels("failed").inc()
                 logger.warning(
                     "webhook gave up after retries: %s",

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -77,7 +77,7 @@ class Connection:
                     self._queue.clear()
                     break
                 await self.ws.send_text(text)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any send failure: the reader sees the close
             self._queue.clear()
         finally:
             self._writer = None

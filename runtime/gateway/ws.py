@@ -48,7 +48,7 @@ async def _receive(ws: WebSocket, timeout: float) -> str | bytes | None:
 async def _send_now(ws: WebSocket, frame: dict[str, Any]) -> None:
     try:
         await ws.send_text(protocol.encode(frame))
-    except Exception:
+    except Exception:  # noqa: BLE001 - any send failure means the socket is gone
         raise _Closed() from None
 
 

@@ -20,6 +20,7 @@ conversation's sends and reads inside one batch does not change the result.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from collections.abc import Sequence
@@ -228,7 +229,10 @@ class MessageService:
         blocks: list[tuple[str, int, int]] = []
         for conv_id, fresh in fresh_by_conv.items():
             first = await self._cache.allocate_seq(
-                tenant_id, conv_id, len(fresh), lambda c=conv_id: self._store.max_seq(tenant_id, c)
+                tenant_id,
+                conv_id,
+                len(fresh),
+                functools.partial(self._store.max_seq, tenant_id, conv_id),
             )
             blocks.append((conv_id, first, len(fresh)))
             rows[conv_id] = [

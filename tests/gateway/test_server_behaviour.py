@@ -99,7 +99,7 @@ async def test_persistent_rate_abuse_is_disconnected(server: EmbeddedServer) -> 
     for _ in range(400):
         try:
             await client.send_raw(frame)
-        except Exception:
+        except Exception:  # noqa: BLE001 - closed mid-flood
             break
     code, _ = await client.wait_closed(timeout=10)
     assert code == 4008
