@@ -62,6 +62,7 @@ class OperatorConfig(BaseSettings):
     backend_timeout: float = Field(default=5.0, gt=0)
     delete_attempts: int = Field(default=3, ge=1)
     liveness_endpoint: str | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING"] = "INFO"
     finalizer: str = "imhub.io/finalizer"
 
     def tenant_kafka_bootstrap(self) -> str | None:

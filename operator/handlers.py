@@ -74,6 +74,12 @@ def register(
         settings.watching.client_timeout = 90
         settings.networking.request_timeout = 60
 
+    @kopf.on.login(registry=registry)
+    def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+        # A private registry gets none of kopf's default login handlers:
+        # in-cluster service account first, then KUBECONFIG.
+        return kopf.login_via_client(**kwargs)
+
     @kopf.on.cleanup(registry=registry)
     async def close_clients(**_: Any) -> None:
         await reconciler.kube.close()

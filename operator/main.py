@@ -66,18 +66,26 @@ def run(args: argparse.Namespace | Any) -> int:
         return _fail(str(exc))
 
     namespaces = list(getattr(args, "namespace", None) or [])
-    kopf.configure(verbose=False, log_format=kopf.LogFormat.JSON, log_refkey="k8s")
+    kopf.configure(
+        debug=config.log_level == "DEBUG",
+        quiet=config.log_level == "WARNING",
+        log_format=kopf.LogFormat.JSON,
+        log_refkey="k8s",
+    )
     logger.info(
         "imhub operator starting",
         extra={"namespaces": namespaces or "*", "drift_interval": config.drift_interval},
     )
-    asyncio.run(
-        kopf.operator(
-            registry=registry,
-            standalone=True,
-            clusterwide=not namespaces,
-            namespaces=namespaces,
-            liveness_endpoint=config.liveness_endpoint,
+    try:
+        asyncio.run(
+            kopf.operator(
+                registry=registry,
+                standalone=True,
+                clusterwide=not namespaces,
+                namespaces=namespaces,
+                liveness_endpoint=config.liveness_endpoint,
+            )
         )
-    )
+    except kopf.LoginError as exc:
+        return _fail(f"cannot log in to the Kubernetes API: {exc}")
     return 0

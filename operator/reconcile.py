@@ -182,7 +182,7 @@ class Reconciler:
             outcomes.append(status.Outcome("Credentials", True, "SecretReady", creds.name))
         except credentials.SecretConflict as exc:
             outcomes.append(status.Outcome("Credentials", False, "SecretConflict", str(exc)))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing step becomes its condition
             outcomes.append(self._failure("Credentials", "SecretFailed", exc))
 
         outcomes.append(await self._database(spec, creds, uid, resources, event))
@@ -220,7 +220,7 @@ class Reconciler:
             return self._failure("Database", "DatabaseUnavailable", exc)
         except database.DatabaseConflict as exc:
             return self._failure("Database", "TenantIdConflict", exc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing step becomes its condition
             return self._failure("Database", "DatabaseFailed", exc)
         resources["databaseSchema"], resources["databaseRole"] = result.schema, result.role
         if result.migrated:
@@ -251,7 +251,7 @@ class Reconciler:
             )
         except topics.TopicsUnavailable as exc:
             return self._failure("Topics", "KafkaUnavailable", exc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing step becomes its condition
             return self._failure("Topics", "TopicsFailed", exc)
         resources["topics"] = list(result.topics)
         resources["topicPartitions"] = min(result.partitions.values(), default=0)
@@ -279,7 +279,7 @@ class Reconciler:
             )
         except storage.StorageUnavailable as exc:
             return self._failure("Storage", "StorageUnavailable", exc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing step becomes its condition
             return self._failure("Storage", "StorageFailed", exc)
         resources["bucket"] = result.bucket
         if result.created or result.policy_updated or result.cors_updated:
@@ -298,7 +298,7 @@ class Reconciler:
                 try:
                     if await self.backends.turn.remove(creds.data["turn-secret"]):
                         event("Normal", "TurnSecretRevoked", "TURN disabled in the spec")
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - a failing step becomes its condition
                     return self._failure("Turn", "TurnUnavailable", exc)
             return status.Outcome("Turn", True, "Disabled", "spec.turn.enabled is false")
         coturn = self.backends.turn
@@ -312,7 +312,7 @@ class Reconciler:
             added = await coturn.ensure(creds.data["turn-secret"])
         except turn.TurnUnavailable as exc:
             return self._failure("Turn", "TurnUnavailable", exc)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing step becomes its condition
             return self._failure("Turn", "TurnFailed", exc)
         resources["turnRealm"] = coturn.realm
         if added:
@@ -340,7 +340,7 @@ class Reconciler:
                 owner=body,
                 data=creds.data,
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a failing step becomes its condition
             return self._failure("Workloads", "WorkloadsFailed", exc)
         resources["service"] = result.service
         resources["deployments"] = list(result.deployments)
@@ -366,7 +366,7 @@ class Reconciler:
         async def step(label: str, action: Callable[[], Awaitable[Any]]) -> None:
             try:
                 outcome = await action()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - cleanup goes on past any failure
                 logger.warning("cleanup step %s failed: %s", label, exc)
                 report.errors.append(f"{label}: {exc}")
                 event("Warning", "CleanupFailed", f"{label}: {exc}")
@@ -384,7 +384,7 @@ class Reconciler:
             secret_data: dict[str, str] | None = None
             try:
                 secret_data = await credentials.read_secret(self.kube, namespace, spec)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - cleanup goes on past any failure
                 report.errors.append(f"reading Secret: {exc}")
             coturn = self.backends.turn
             if coturn is not None and secret_data and secret_data.get("turn-secret"):
