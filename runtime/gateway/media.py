@@ -7,7 +7,9 @@ expired answers 403 with a JSON error.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -41,12 +43,14 @@ async def upload(
     key: str,
     request: Request,
     runtime: RuntimeDep,
-    exp: Annotated[int, Query()],
-    ct: Annotated[str, Query()],
-    max: Annotated[int, Query()],
-    sig: Annotated[str, Query()],
+    exp: Annotated[int | None, Query()] = None,
+    ct: Annotated[str | None, Query()] = None,
+    max: Annotated[int | None, Query()] = None,
+    sig: Annotated[str | None, Query()] = None,
 ) -> dict[str, Any]:
     media = _local(runtime)
+    if exp is None or ct is None or max is None or sig is None:
+        raise errors.Forbidden("not a signed upload URL")
     if not media.verify("put", key, exp, sig, ct, max):
         raise errors.Forbidden("signature invalid or URL expired")
     sent_type = request.headers.get("content-type", "").split(";", 1)[0].strip()
@@ -59,7 +63,9 @@ async def upload(
     if path.exists():
         raise errors.Conflict("this URL was used already")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    # Each request writes its own temp file; linking it into place fails if the
+    # object exists, so of two concurrent uploads with one URL exactly one wins.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.part")
     size = 0
     try:
         with tmp.open("wb") as fh:
@@ -67,8 +73,13 @@ async def upload(
                 size += len(chunk)
                 if size > max:
                     raise errors.TooLarge(f"this URL accepts at most {max} bytes")
-                fh.write(chunk)
-        os.replace(tmp, path)
+                await asyncio.to_thread(fh.write, chunk)
+        if size == 0:
+            raise errors.InvalidPayload("empty upload")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise errors.Conflict("this URL was used already") from None
     finally:
         tmp.unlink(missing_ok=True)
     return {"key": key, "size": size}
@@ -78,11 +89,11 @@ async def upload(
 async def download(
     key: str,
     runtime: RuntimeDep,
-    exp: Annotated[int, Query()],
-    sig: Annotated[str, Query()],
+    exp: Annotated[int | None, Query()] = None,
+    sig: Annotated[str | None, Query()] = None,
 ) -> FileResponse:
     media = _local(runtime)
-    if not media.verify("get", key, exp, sig):
+    if exp is None or sig is None or not media.verify("get", key, exp, sig):
         raise errors.Forbidden("signature invalid or URL expired")
     path = _path(media, key)
     if not path.is_file():

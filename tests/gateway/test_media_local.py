@@ -289,14 +289,6 @@ async def test_upload_url_works_once(
     assert (await http.get(url)).content == PNG
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "gateway/media.py checks path.exists() before streaming and both requests write the "
-        "same temp file (.name.<pid>.part): one gets 200 while the object holds the other's "
-        "bytes, the other gets 500 (FileNotFoundError from os.replace)"
-    ),
-)
 async def test_concurrent_uses_of_one_upload_url_store_one_object(
     http: httpx.AsyncClient, server: EmbeddedServer, conv_id: str
 ) -> None:
