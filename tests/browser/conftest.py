@@ -83,7 +83,7 @@ class DemoServer:
             )
         try:
             wait_http(self.url + "/readyz", timeout=30, proc=self.proc)
-        except Exception:
+        except (RuntimeError, TimeoutError):
             self.stop()
             raise RuntimeError(f"demo server did not start:\n{self.log()[-3000:]}") from None
 
