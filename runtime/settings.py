@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     instance_id: str = Field(default_factory=lambda: f"gw-{uuid.uuid4().hex[:8]}")
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
+    # Browser apps on other origins call the API with a bearer token (no
+    # cookies), so allowing any origin exposes nothing a token does not.
+    cors_origins: list[str] = Field(default_factory=lambda: ["*"])
 
     # -- backends: empty means the embedded default ----------------------------
     database_url: str | None = None

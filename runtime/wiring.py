@@ -98,7 +98,7 @@ class Runtime:
         return media.LocalMediaStore(
             self.config.data_dir / "media",
             secret=secret,
-            public_url=self.config.effective_public_url(),
+            public_url=self.config.public_url,
         )
 
     def tenant(self, tenant_id: str) -> tenants.Tenant:

@@ -37,10 +37,13 @@ def load_or_create_secret(path: Path) -> bytes:
 class LocalMediaStore:
     """:class:`~imhub.runtime.ports.ObjectStore` on a local directory."""
 
-    def __init__(self, root: Path, *, secret: bytes, public_url: str) -> None:
+    def __init__(self, root: Path, *, secret: bytes, public_url: str | None = None) -> None:
+        """``public_url`` prefixes the URLs; without it they are relative to the
+        gateway (``/v1/media/local/...``) and the gateway makes them absolute
+        with the address the client used, so they work behind any host name."""
         self.root = root
         self._secret = secret
-        self._public_url = public_url.rstrip("/")
+        self._public_url = (public_url or "").rstrip("/")
 
     async def start(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

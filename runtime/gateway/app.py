@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -127,6 +128,15 @@ def create_app(runtime: wiring.Runtime) -> FastAPI:
     app.state.runtime = runtime
     app.state.hub = hub
     app.add_middleware(AccessLog)
+    if runtime.config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=runtime.config.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-Request-ID"],
+            expose_headers=["X-Request-ID"],
+            max_age=600,
+        )
 
     @app.exception_handler(errors.ImhubError)
     async def _imhub_error(_request: Request, exc: errors.ImhubError) -> JSONResponse:

@@ -247,9 +247,17 @@ class UploadTokenRequest(BaseModel):
     size: Annotated[int, Field(gt=0)]
 
 
+def _absolute(request: Request, url: str) -> str:
+    """Media URLs relative to the gateway become absolute with the address the
+    client reached us by (the embedded store without ``public_url``)."""
+    if url.startswith("/"):
+        return str(request.base_url).rstrip("/") + url
+    return url
+
+
 @router.post("/v1/im/media/upload-token", tags=["media"])
 async def upload_token(
-    body: UploadTokenRequest, runtime: RuntimeDep, principal: PrincipalDep
+    body: UploadTokenRequest, request: Request, runtime: RuntimeDep, principal: PrincipalDep
 ) -> dict[str, Any]:
     tenant = runtime.tenant(principal.tenant_id)
     await _visible(runtime, principal, body.conv_id)
@@ -266,6 +274,7 @@ async def upload_token(
     ticket = await runtime.media.presign_upload(
         principal.tenant_id, key, content_type=body.content_type, size=body.size, expires_in=ttl
     )
+    upload_url = _absolute(request, ticket.url)
     await runtime.store.record_media(
         principal.tenant_id,
         models.MediaObject(
@@ -280,7 +289,7 @@ async def upload_token(
     return {
         "key": key,
         "method": ticket.method,
-        "url": ticket.url,
+        "url": upload_url,
         "fields": ticket.fields,
         "headers": ticket.headers,
         "max_size": body.size,
@@ -290,6 +299,7 @@ async def upload_token(
 
 @router.get("/v1/im/media/download-url", tags=["media"])
 async def download_url(
+    request: Request,
     runtime: RuntimeDep,
     principal: PrincipalDep,
     key: Annotated[str, Query(min_length=1, max_length=512)],
@@ -300,7 +310,12 @@ async def download_url(
     await _visible(runtime, principal, obj.conv_id)
     ttl = runtime.config.media_url_ttl_seconds
     url = await runtime.media.presign_download(principal.tenant_id, key, expires_in=ttl)
-    return {"key": key, "url": url, "content_type": obj.content_type, "expires_in": ttl}
+    return {
+        "key": key,
+        "url": _absolute(request, url),
+        "content_type": obj.content_type,
+        "expires_in": ttl,
+    }
 
 
 # -- RTC --------------------------------------------------------------------------

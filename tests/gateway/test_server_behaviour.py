@@ -155,3 +155,41 @@ async def test_logs_are_json_without_secrets_or_bodies(server: EmbeddedServer) -
     assert secret_text not in log
     assert token not in log
     assert server.tenants["keyed"]["keys"][0]["secret"] not in log
+
+
+async def test_cors_and_media_urls_follow_the_host_used(server: EmbeddedServer) -> None:
+    token = server.token("keyed", "cors-user")
+    auth = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=server.http()) as http:
+        pre = await http.options(
+            "/v1/im/conversations",
+            headers={
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
+        conv = (
+            await http.post(
+                "/v1/im/conversations", headers=auth, json={"type": "group", "member_ids": ["x"]}
+            )
+        ).json()
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] in ("*", "https://app.example")
+    localhost = server.http().replace("127.0.0.1", "localhost")
+    async with httpx.AsyncClient(base_url=localhost) as http:
+        ticket = (
+            await http.post(
+                "/v1/im/media/upload-token",
+                headers=auth,
+                json={
+                    "conv_id": conv["conv_id"],
+                    "file_name": "a.txt",
+                    "content_type": "text/plain",
+                    "size": 5,
+                },
+            )
+        ).json()
+        assert ticket["url"].startswith(f"{localhost}/v1/media/local/")
+        put = await http.put(ticket["url"], content=b"hello", headers=ticket["headers"])
+        assert put.status_code == 200
