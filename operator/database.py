@@ -73,6 +73,7 @@ class DatabaseProvisioner:
         self._sa_url = sqlalchemy_url(admin_url)
         self._timeout = timeout
         self._head_revision: str | None = None
+        self._migrate_lock = asyncio.Lock()
 
     @contextlib.asynccontextmanager
     async def _connect(self) -> AsyncIterator[asyncpg.Connection]:
@@ -109,8 +110,10 @@ class DatabaseProvisioner:
                 await self._ensure_schema(conn, schema, role)
                 current = await self._revision(conn, schema)
             # Alembic only when behind: the drift timer runs this every minute.
+            # One at a time: Alembic's context is process-global state.
             if current != head:
-                await migrations.upgrade_async(self._sa_url, schema=schema)
+                async with self._migrate_lock:
+                    await migrations.upgrade_async(self._sa_url, schema=schema)
             async with self._connect() as conn:
                 await self._grant_tables(conn, schema, role)
                 await self._exec(

@@ -41,11 +41,6 @@ def _poster(body: kopf.Body) -> reconcile.EventFn:
     return post
 
 
-def _write_status(patch: Any, result: reconcile.PassResult) -> None:
-    for key, value in result.status.items():
-        patch.status[key] = value
-
-
 def backoff(retry: int, base: float) -> float:
     """10 s, 20 s, 40 s, ... capped at five minutes (with the default base)."""
     return float(min(base * (2 ** min(retry, 10)), _MAX_DELAY))
@@ -84,10 +79,8 @@ def register(
     async def close_clients(**_: Any) -> None:
         await reconciler.kube.close()
 
-    async def run_pass(body: kopf.Body, patch: kopf.Patch, retry: int) -> None:
-        raw = _raw(body)
-        result = await reconciler.reconcile(raw, _poster(body))
-        _write_status(patch, result)
+    async def run_pass(body: kopf.Body, retry: int) -> None:
+        result = await reconciler.reconcile(_raw(body), _poster(body))
         if not result.ready:
             failed = ", ".join(f"{o.type} ({o.reason})" for o in result.failed)
             raise kopf.TemporaryError(
@@ -95,16 +88,16 @@ def register(
             )
 
     @kopf.on.create(*resource, registry=registry, id="provision")
-    async def on_create(body: kopf.Body, patch: kopf.Patch, retry: int, **_: Any) -> None:
-        await run_pass(body, patch, retry)
+    async def on_create(body: kopf.Body, retry: int, **_: Any) -> None:
+        await run_pass(body, retry)
 
     @kopf.on.update(*resource, registry=registry, id="update")
-    async def on_update(body: kopf.Body, patch: kopf.Patch, retry: int, **_: Any) -> None:
-        await run_pass(body, patch, retry)
+    async def on_update(body: kopf.Body, retry: int, **_: Any) -> None:
+        await run_pass(body, retry)
 
     @kopf.on.resume(*resource, registry=registry, id="resume")
-    async def on_resume(body: kopf.Body, patch: kopf.Patch, retry: int, **_: Any) -> None:
-        await run_pass(body, patch, retry)
+    async def on_resume(body: kopf.Body, retry: int, **_: Any) -> None:
+        await run_pass(body, retry)
 
     @kopf.timer(
         *resource,
@@ -113,19 +106,19 @@ def register(
         interval=config.drift_interval,
         initial_delay=config.drift_initial_delay,
     )
-    async def drift(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    async def drift(body: kopf.Body, **_: Any) -> None:
         if body.get("metadata", {}).get("deletionTimestamp"):
             return
         # Failures are in the status; the next tick is the retry.
-        _write_status(patch, await reconciler.reconcile(_raw(body), _poster(body)))
+        await reconciler.reconcile(_raw(body), _poster(body))
 
     @kopf.on.delete(*resource, registry=registry, id="cleanup")
-    async def on_delete(body: kopf.Body, patch: kopf.Patch, retry: int, **_: Any) -> None:
+    async def on_delete(body: kopf.Body, retry: int, **_: Any) -> None:
         raw = _raw(body)
         post = _poster(body)
         report = await reconciler.cleanup(raw, post)
         if report.errors and retry + 1 < config.delete_attempts:
-            patch.status["phase"] = "Deleting"
+            await reconciler.write_status(raw, {"phase": "Deleting"})
             raise kopf.TemporaryError(
                 f"cleanup incomplete ({'; '.join(report.errors)})",
                 delay=backoff(retry, config.retry_delay),

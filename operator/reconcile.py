@@ -114,6 +114,36 @@ class Reconciler:
     # -- reconcile ----------------------------------------------------------------
 
     async def reconcile(self, body: Mapping[str, Any], event: EventFn) -> PassResult:
+        """One pass; the status is read and written under the object's lock.
+
+        Handlers and the timer may hold stale copies of the object, so the pass
+        starts from a fresh read and writes the status itself before releasing
+        the lock: two passes can never land their status out of order.
+        """
+        meta = body["metadata"]
+        async with self.lock(meta["uid"]):
+            fresh = await self.kube.get("ImTenant", meta["namespace"], meta["name"])
+            if fresh is None or fresh["metadata"]["uid"] != meta["uid"]:
+                return PassResult({}, True, [])  # deleted meanwhile: nothing to do
+            if fresh["metadata"].get("deletionTimestamp"):
+                return PassResult(fresh.get("status") or {}, True, [])
+            result = await self._reconcile(fresh, event)
+            await self.write_status(fresh, result.status)
+        return result
+
+    async def write_status(self, obj: Mapping[str, Any], new: Mapping[str, Any]) -> None:
+        meta = obj["metadata"]
+        try:
+            await self.kube.merge_patch(
+                "ImTenant", meta["namespace"], meta["name"], {"status": new}, subresource="status"
+            )
+        except kube_mod.ApiError as exc:
+            # The next pass (retry or timer) writes it again.
+            logger.warning(
+                "writing status of %s/%s failed: %s", meta["namespace"], meta["name"], exc
+            )
+
+    async def _reconcile(self, body: Mapping[str, Any], event: EventFn) -> PassResult:
         meta = body["metadata"]
         namespace, generation = meta["namespace"], meta.get("generation")
         old_status = body.get("status") or {}
@@ -127,8 +157,7 @@ class Reconciler:
             self._announce(old_status, [outcome], event)
             return PassResult(new, False, [outcome])
 
-        async with self.lock(meta["uid"]):
-            outcomes, resources = await self._steps(body, spec, event)
+        outcomes, resources = await self._steps(body, spec, event)
         new = status.build_status(
             old_status,
             outcomes,
@@ -138,7 +167,7 @@ class Reconciler:
         )
         self._announce(old_status, outcomes, event)
         failed = [o for o in outcomes if not o.ok]
-        if not failed and (old_status.get("phase") != "Ready"):
+        if not failed and old_status.get("phase") != "Ready":
             event("Normal", "Ready", f"tenant {spec.tenant_id} is provisioned")
         return PassResult(new, not failed, failed)
 
