@@ -365,7 +365,8 @@ def test_topics_have_the_requested_partitions(env: Env) -> None:
         "imhub.acme.im-events": 3,
     }
     assert set(env.partitions("globex").values()) == {2}
-    configs = env.admin().describe_configs([ConfigResource("topic", "imhub.acme.im-events")])
+    admin = env.admin()  # keep it alive until the future resolves
+    configs = admin.describe_configs([ConfigResource("topic", "imhub.acme.im-events")])
     (future,) = configs.values()
     assert future.result(10)["retention.ms"].value == str(72 * 3_600_000)
 
