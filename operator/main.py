@@ -42,6 +42,13 @@ def build_operator(
     return registry, reconciler
 
 
+class _QuietTimer(logging.Filter):
+    """Drop kopf's "Timer 'drift' succeeded." line: one per tenant per interval."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timer 'drift' succeeded")
+
+
 def _fail(message: str) -> int:
     print(f"imhub operator: {message}", file=sys.stderr)
     return 2
@@ -72,6 +79,7 @@ def run(args: argparse.Namespace | Any) -> int:
         log_format=kopf.LogFormat.JSON,
         log_refkey="k8s",
     )
+    logging.getLogger("kopf.objects").addFilter(_QuietTimer())
     logger.info(
         "imhub operator starting",
         extra={"namespaces": namespaces or "*", "drift_interval": config.drift_interval},

@@ -527,6 +527,22 @@ async def test_runtime_runs_on_what_the_operator_provisioned(env: Env) -> None:
             ice = await http.get("/v1/im/rtc/ice-servers")
             assert ice.status_code == 200, ice.text
 
+        # globex's credentials open nothing on acme's gateway.
+        globex = env.secret("globex")
+        now = int(time.time())
+        for claims_tenant in ("globex", "acme"):
+            foreign = jwt.encode(
+                {"sub": "mallory", "tenant_id": claims_tenant, "iat": now, "exp": now + 600},
+                globex["jwt-secret"],
+                algorithm="HS256",
+                headers={"kid": "k1"},
+            )
+            async with httpx.AsyncClient(base_url=gateway, timeout=10) as http:
+                refused = await http.get(
+                    "/v1/im/conversations", headers={"Authorization": f"Bearer {foreign}"}
+                )
+            assert refused.status_code == 401, refused.text
+
         ws = gateway.replace("http://", "ws://") + "/v1/im/ws"
         alice = await Client.connect(ws, token("alice"))
         bob = await Client.connect(ws, token("bob"))
@@ -771,3 +787,34 @@ def test_recreated_tenant_gets_its_retained_credentials_back(env: Env) -> None:
     assert role[0]["rolcanlogin"] is True
     assert after["turn-secret"] in env.turn_secrets()
     env.kubectl.run("delete", "imt", "acme", "-n", NS, "--wait=true", "--timeout=90s")
+
+
+def test_finalizer_is_removed_even_when_a_backend_is_gone(env: Env) -> None:
+    manifest = {
+        "apiVersion": "imhub.io/v1alpha1",
+        "kind": "ImTenant",
+        "metadata": {"name": "initech"},
+        "spec": {"tenantId": "initech", "deletionPolicy": "Delete"},
+    }
+    env.kubectl.run("apply", "-n", NS, "-f", "-", input=json.dumps(manifest))
+    env.wait_ready("initech")
+    env.services.stop("s3")
+    try:
+        env.kubectl.run("delete", "imt", "initech", "-n", NS, "--wait=true", "--timeout=90s")
+        assert env.tenant("initech") is None
+        warnings = env.kubectl.json(
+            "get",
+            "events",
+            "-n",
+            NS,
+            "--field-selector",
+            "involvedObject.name=initech,type=Warning",
+        )["items"]
+        incomplete = [e for e in warnings if e["reason"] == "CleanupIncomplete"]
+        assert incomplete and "imhub-initech" in incomplete[-1]["message"]
+        # Everything reachable was still cleaned up.
+        assert env.sql("SELECT 1 FROM pg_namespace WHERE nspname = 't_initech'") == []
+        assert env.kubectl.get("secret", "imhub-initech-credentials", NS) is None
+    finally:
+        env.services.start("s3")
+    assert env.operator is not None and env.operator.poll() is None
