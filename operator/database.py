@@ -33,6 +33,9 @@ __all__ = ["DatabaseConflict", "DatabaseProvisioner", "DatabaseUnavailable"]
 
 logger = logging.getLogger(__name__)
 
+# pg_advisory_xact_lock key serialising changes to shared ACLs (any constant
+# works; this one is "imhub" in ASCII).
+_SHARED_ACL_LOCK = 0x696D687562
 _CLAIM_PREFIX = "imhub-tenant:"
 _RETAINED = "imhub-tenant:retained"
 
@@ -174,6 +177,10 @@ class DatabaseProvisioner:
     async def _ensure_schema(self, conn: asyncpg.Connection, schema: str, role: str) -> None:
         database = await conn.fetchval("SELECT current_database()")
         async with conn.transaction():
+            # The grants below also rewrite shared catalog rows (the public
+            # schema's and the database's ACL); concurrent passes for two
+            # tenants would fail with "tuple concurrently updated".
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _SHARED_ACL_LOCK)
             await self._exec(conn, "CREATE SCHEMA IF NOT EXISTS %I", schema)
             await self._exec(conn, "REVOKE ALL ON SCHEMA %I FROM PUBLIC", schema)
             await self._exec(conn, "GRANT USAGE, CREATE ON SCHEMA %I TO %I", schema, role)
@@ -248,11 +255,13 @@ class DatabaseProvisioner:
             if role_exists:
                 await self._exec(conn, "ALTER ROLE %I NOLOGIN", names.db_role)
                 await _terminate(conn, names.db_role)
-            await self._exec(conn, "DROP SCHEMA IF EXISTS %I CASCADE", names.db_schema)
-            if role_exists:
-                # DROP OWNED also removes the role's grants in this database.
-                await self._exec(conn, "DROP OWNED BY %I", names.db_role)
-                await self._exec(conn, "DROP ROLE IF EXISTS %I", names.db_role)
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", _SHARED_ACL_LOCK)
+                await self._exec(conn, "DROP SCHEMA IF EXISTS %I CASCADE", names.db_schema)
+                if role_exists:
+                    # DROP OWNED also removes the role's grants in this database.
+                    await self._exec(conn, "DROP OWNED BY %I", names.db_role)
+                    await self._exec(conn, "DROP ROLE IF EXISTS %I", names.db_role)
 
 
 async def _terminate(conn: asyncpg.Connection, role: str) -> None:
