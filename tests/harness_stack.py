@@ -129,6 +129,10 @@ class StackTarget(Target):
         except (OSError, ValueError):
             return None
 
+    def running(self, name: str) -> bool:
+        pid = self.pid(name)
+        return pid is not None and _alive(pid)
+
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send ``sig`` to the part (default ``kill -9``) and wait until it is gone."""
         pid = self.pid(name)
