@@ -11,7 +11,8 @@ from imhub.operator import config as config_mod
 from tests.operator.conftest import Cluster, find, manifests
 from tests.realservices import REPO
 
-pytestmark = pytest.mark.cluster
+# The cluster fixture may build kube-apiserver and helm first (minutes, once).
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1800)]
 
 CHART = str(REPO / "charts" / "imhub-operator")
 

@@ -43,7 +43,9 @@ from tests.harness import Client, free_port, wait_http
 from tests.operator.conftest import Cluster, Kubectl
 from tests.realservices import REPO, ServiceSet
 
-pytestmark = [pytest.mark.cluster, pytest.mark.services, pytest.mark.timeout(600)]
+# Generous: the first test may wait for a cold build of kube-apiserver (minutes);
+# every wait inside the tests is bounded on its own.
+pytestmark = [pytest.mark.cluster, pytest.mark.services, pytest.mark.timeout(1800)]
 
 NS = "imhub-tenants"
 OPERATOR_NS = "imhub-system"
