@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from imhub.operator import crds, spec
+from imhub.operator import crd, spec
 from imhub.runtime import tenancy
 from tests.realservices import REPO
 
@@ -17,7 +17,7 @@ EXAMPLES = sorted((REPO / "crds" / "examples").glob("*.yaml"))
 
 
 def _version() -> dict[str, Any]:
-    version: dict[str, Any] = crds.crd()["spec"]["versions"][0]
+    version: dict[str, Any] = crd.crd()["spec"]["versions"][0]
     return version
 
 
@@ -41,11 +41,11 @@ def test_copies_equal_the_source(copy: Path) -> None:
 
 
 def test_packaged_crd_is_the_source() -> None:
-    assert crds.crd_text() == SOURCE.read_text()
+    assert crd.crd_text() == SOURCE.read_text()
 
 
 def test_names_and_scope() -> None:
-    doc = crds.crd()
+    doc = crd.crd()
     assert doc["metadata"]["name"] == f"{spec.PLURAL}.{spec.GROUP}"
     assert doc["spec"]["group"] == spec.GROUP
     assert doc["spec"]["scope"] == "Namespaced"
@@ -65,7 +65,7 @@ def test_printer_columns() -> None:
 
 
 def test_tenant_id_pattern_is_the_naming_modules() -> None:
-    assert crds.tenant_id_pattern() == tenancy.TENANT_ID_PATTERN
+    assert crd.tenant_id_pattern() == tenancy.TENANT_ID_PATTERN
     tenant_id = _spec_schema()["properties"]["tenantId"]
     assert tenant_id["maxLength"] == 32
     rules = [r["rule"] for r in tenant_id["x-kubernetes-validations"]]
