@@ -224,17 +224,6 @@ class DatabaseProvisioner:
                     role,
                 )
 
-    async def check(self, names: tenancy.TenantNames) -> bool:
-        """``True`` when the schema and role are there (drift probe, cheap)."""
-        async with self._connect() as conn:
-            row = await conn.fetchrow(
-                "SELECT (SELECT 1 FROM pg_namespace WHERE nspname = $1) AS s, "
-                "(SELECT 1 FROM pg_roles WHERE rolname = $2) AS r",
-                names.db_schema,
-                names.db_role,
-            )
-        return bool(row and row["s"] and row["r"])
-
     async def retain(self, names: tenancy.TenantNames) -> None:
         """Keep the data, lock the door: the role can no longer log in."""
         async with self._connect() as conn:
