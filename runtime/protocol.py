@@ -83,15 +83,29 @@ class MarkReadPayload(_Payload):
     last_read_seq: Annotated[StrictInt, Field(ge=0, le=2**62)]
 
 
-class RtcSignalPayload(BaseModel):
-    """A WebRTC signal; SDP and candidates pass through to the callee untouched."""
+class RtcSignalPayload(_Payload):
+    """A WebRTC signal; SDP and candidates pass through to the callee untouched.
 
-    model_config = ConfigDict(strict=True, extra="allow", frozen=True)
+    ``call_id`` names the call: an ``offer`` without one starts a new call and
+    its ack carries the id; later signals of that call may omit it (the
+    pair's current call is used)."""
 
     conv_id: Id
     to_user_id: Id
     type: Literal["offer", "answer", "ice-candidate", "hangup"]
     call_id: Id | None = None
+    sdp: Annotated[StrictStr, Field(max_length=64 * 1024)] | None = None
+    candidate: (
+        Annotated[StrictStr, Field(max_length=4096)]
+        | Annotated[dict[str, str | int | None], Field(max_length=16)]
+        | None
+    ) = None
+    reason: Annotated[StrictStr, Field(max_length=200)] | None = None
+    media: Annotated[list[Literal["audio", "video", "screen"]], Field(max_length=3)] | None = None
+
+    def body(self) -> dict[str, Any]:
+        """The signal fields forwarded to the callee."""
+        return self.model_dump(include={"sdp", "candidate", "reason", "media"}, exclude_none=True)
 
 
 class PingPayload(_Payload):

@@ -267,12 +267,7 @@ class _Session:
                 },
             )
         elif isinstance(payload, protocol.RtcSignalPayload):
-            body = dict(payload.model_extra or {})
-            if len(protocol.encode(body)) > 64 * 1024:
-                hub.ack_error(
-                    conn, ack_id, "rtc_signal", errors.TooLarge("signal body over 64 KiB")
-                )
-                return
+            body = payload.body()
             await hub.submit(
                 conn,
                 topic=self.names.topic_signaling,

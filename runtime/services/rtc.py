@@ -14,13 +14,14 @@ import asyncio
 import hashlib
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from imhub.runtime import envelopes, errors, observability, ports, tenants
 from imhub.runtime.services import messages, worker
 
-__all__ = ["RtcService", "call_id_for"]
+__all__ = ["RtcService"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,15 @@ _CALL_TTL_SECONDS = 6 * 3600
 _MEMBERS_TTL_SECONDS = 2.0
 
 
-def call_id_for(conv_id: str, user_a: str, user_b: str) -> str:
-    """The call id when the client gives none: one call per pair and conversation."""
+def _call_key(conv_id: str, call_id: str) -> str:
+    return f"rtc:call:{conv_id}:{call_id}"
+
+
+def _pair_key(conv_id: str, user_a: str, user_b: str) -> str:
+    """The current call between two members of a conversation."""
     low, high = sorted((user_a, user_b))
-    return hashlib.sha256(f"{conv_id}\n{low}\n{high}".encode()).hexdigest()[:24]
+    digest = hashlib.sha256(f"{low}\n{high}".encode()).hexdigest()[:24]
+    return f"rtc:pair:{conv_id}:{digest}"
 
 
 class RtcService:
@@ -111,12 +117,14 @@ class RtcService:
         if callee not in members:
             raise errors.NotFound("callee is not a member of the conversation")
 
-        call_id = cmd.get("call_id") or call_id_for(conv_id, sender, callee)
+        call_id, state = await self._call(
+            tenant_id, conv_id, cmd.get("call_id"), kind, sender, callee
+        )
         online = bool(await self._cache.online_instances(tenant_id, callee))
         if not online and kind != "hangup":
             offline = errors.Unavailable("callee is offline", details={"reason": "offline"})
             return [envelopes.reply_error(tenant_id, cmd.get("reply"), offline.to_dict())]
-        events = await self._lifecycle(tenant_id, conv_id, call_id, kind, sender, callee)
+        events = await self._lifecycle(tenant_id, conv_id, call_id, state, kind, sender, callee)
         if not online:
             events.append(
                 envelopes.reply_ok(
@@ -124,11 +132,7 @@ class RtcService:
                 )
             )
             return events
-        signal = {
-            k: v
-            for k, v in cmd.get("body", {}).items()
-            if k not in ("conv_id", "from_user_id", "to_user_id", "type", "call_id")
-        }
+        signal = dict(cmd.get("body") or {})
         signal.update(conv_id=conv_id, from_user_id=sender, type=kind, call_id=call_id)
         events.append(
             {
@@ -143,18 +147,58 @@ class RtcService:
         )
         return events
 
+    async def _call(
+        self,
+        tenant_id: str,
+        conv_id: str,
+        call_id: str | None,
+        kind: str,
+        sender: str,
+        callee: str,
+    ) -> tuple[str, dict[str, Any] | None]:
+        """Find (or, for an offer, start) the call this signal belongs to.
+
+        Only the two parties of a call can signal within it: a third member
+        cannot answer, hang up or reuse another pair's call id.
+        """
+        pair_key = _pair_key(conv_id, sender, callee)
+        if call_id is None and kind != "offer":
+            call_id = await self._cache.get_json(tenant_id, pair_key)
+            if call_id is None:
+                if kind == "ice-candidate":
+                    raise errors.InvalidPayload("no call in progress; send an offer first")
+                raise errors.InvalidPayload("no call in progress between you two")
+        if call_id is None:
+            call_id = uuid.uuid4().hex[:24]
+        state = await self._cache.get_json(tenant_id, _call_key(conv_id, call_id))
+        if state is not None and {state["caller"], state["callee"]} != {sender, callee}:
+            raise errors.Forbidden("that call is between other members")
+        if state is None and kind == "answer":
+            raise errors.InvalidPayload("no such call to answer")
+        return call_id, state
+
     async def _lifecycle(
-        self, tenant_id: str, conv_id: str, call_id: str, kind: str, sender: str, callee: str
+        self,
+        tenant_id: str,
+        conv_id: str,
+        call_id: str,
+        state: dict[str, Any] | None,
+        kind: str,
+        sender: str,
+        callee: str,
     ) -> list[dict[str, Any]]:
         """Track the call and return the system messages it produces."""
-        key = f"rtc:call:{conv_id}:{call_id}"
-        state = await self._cache.get_json(tenant_id, key)
+        key = _call_key(conv_id, call_id)
+        pair_key = _pair_key(conv_id, sender, callee)
         now = time.time()
         if kind == "offer" and state is None:
             state = {"caller": sender, "callee": callee, "offered_at": now, "answered_at": None}
             await self._cache.set_json(tenant_id, key, state, _CALL_TTL_SECONDS)
+            await self._cache.set_json(tenant_id, pair_key, call_id, _CALL_TTL_SECONDS)
             return []
         if kind == "answer" and state is not None and state.get("answered_at") is None:
+            if sender != state["callee"]:
+                raise errors.Forbidden("only the callee answers a call")
             state["answered_at"] = now
             await self._cache.set_json(tenant_id, key, state, _CALL_TTL_SECONDS)
             return [
@@ -172,6 +216,7 @@ class RtcService:
             ]
         if kind == "hangup" and state is not None:
             await self._cache.delete(tenant_id, key)
+            await self._cache.delete(tenant_id, pair_key)
             answered = state.get("answered_at")
             duration = round(now - answered, 3) if answered else 0
             return [

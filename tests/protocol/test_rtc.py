@@ -81,3 +81,59 @@ async def test_call_signaling_and_lifecycle(target: Target) -> None:
         await b.close()
     stored = await history(target, "acme", caller, conv_id)
     assert [m["content"]["event"] for m in stored] == ["call_started", "call_ended"]
+
+
+async def test_every_call_is_recorded_and_only_its_parties_control_it(target: Target) -> None:
+    tag = secrets.token_hex(3)
+    a_id, b_id, c_id = f"a-{tag}", f"b-{tag}", f"c-{tag}"
+    conv = await create_conversation(target, "acme", a_id, [b_id, c_id])
+    conv_id = conv["conv_id"]
+    a = await Client.connect(target.ws(0), target.token("acme", a_id))
+    b = await Client.connect(target.ws(1), target.token("acme", b_id))
+    c = await Client.connect(target.ws(0), target.token("acme", c_id))
+    try:
+        call_ids = []
+        for _ in range(2):  # two calls in a row between the same pair
+            offer = await a.request(
+                "rtc_signal", {"conv_id": conv_id, "to_user_id": b_id, "type": "offer", "sdp": "o"}
+            )
+            call_id = offer["data"]["call_id"]
+            call_ids.append(call_id)
+            # A third member can neither answer nor hang up someone else's call.
+            for kind in ("answer", "hangup"):
+                ack = await c.request(
+                    "rtc_signal",
+                    {"conv_id": conv_id, "to_user_id": a_id, "type": kind, "call_id": call_id},
+                )
+                assert ack["success"] is False and ack["error"]["code"] == "forbidden", ack
+            # The callee answers without repeating the id: the pair's current call.
+            assert (
+                await b.request(
+                    "rtc_signal",
+                    {"conv_id": conv_id, "to_user_id": a_id, "type": "answer", "sdp": "a"},
+                )
+            )["success"]
+            assert (
+                await b.request(
+                    "rtc_signal", {"conv_id": conv_id, "to_user_id": a_id, "type": "hangup"}
+                )
+            )["success"]
+        assert call_ids[0] != call_ids[1]
+        unknown = await a.request(
+            "rtc_signal", {"conv_id": conv_id, "to_user_id": b_id, "type": "offer", "evil": 1}
+        )
+        assert unknown["success"] is False and unknown["error"]["code"] == "invalid_payload"
+    finally:
+        for client in (a, b, c):
+            await client.close()
+    await asyncio.sleep(0.5)
+    events = [
+        (m["content"]["event"], m["content"]["call_id"])
+        for m in await history(target, "acme", a_id, conv_id)
+    ]
+    assert events == [
+        ("call_started", call_ids[0]),
+        ("call_ended", call_ids[0]),
+        ("call_started", call_ids[1]),
+        ("call_ended", call_ids[1]),
+    ]
