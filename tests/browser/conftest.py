@@ -120,7 +120,9 @@ def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DemoServer
         server.stop()
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: sync playwright runs an event loop on this thread
+# while it is open, and the async tests of other modules need the thread back.
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     if not CHROMIUM.exists():
         _missing(f"{CHROMIUM} is not installed")
