@@ -234,7 +234,11 @@ class ObjectStore(Protocol):
         """A URL that accepts exactly one object of at most ``size`` bytes of
         ``content_type`` at ``key`` until it expires."""
 
-    async def presign_download(self, tenant_id: str, key: str, *, expires_in: int) -> str: ...
+    async def presign_download(
+        self, tenant_id: str, key: str, *, expires_in: int, content_type: str | None = None
+    ) -> str:
+        """A URL that serves ``key`` until it expires; types a browser could run
+        as a page are served as attachments."""
 
 
 # -- webhooks -------------------------------------------------------------------

@@ -92,7 +92,9 @@ class LocalMediaStore:
             expires_at=datetime.fromtimestamp(expires, UTC),
         )
 
-    async def presign_download(self, tenant_id: str, key: str, *, expires_in: int) -> str:
+    async def presign_download(
+        self, tenant_id: str, key: str, *, expires_in: int, content_type: str | None = None
+    ) -> str:
         expires = int(time.time()) + expires_in
         sig = self.sign("get", key, expires)
         query = urlencode({"exp": expires, "sig": sig})

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 
 import botocore.exceptions
 
-from imhub.runtime import errors, ports, tenancy
+from imhub.runtime import errors, mediatypes, ports, tenancy
 from imhub.runtime.adapters import s3_admin
 
 if TYPE_CHECKING:
@@ -187,11 +187,17 @@ class S3MediaStore:
             expires_at=expires_at,
         )
 
-    async def presign_download(self, tenant_id: str, key: str, *, expires_in: int) -> str:
-        """A GET URL for ``key`` valid for ``expires_in`` seconds; any change to it gets 403."""
+    async def presign_download(
+        self, tenant_id: str, key: str, *, expires_in: int, content_type: str | None = None
+    ) -> str:
+        """A GET URL for ``key`` valid for ``expires_in`` seconds; any change to it gets
+        403. Types a browser could run as a page are served as attachments."""
         bucket = self._bucket_for(tenant_id, key)
         if not 1 <= expires_in <= MAX_PRESIGN_SECONDS:
             raise ValueError(f"expires_in must be 1..{MAX_PRESIGN_SECONDS}, got {expires_in}")
+        params = {"Bucket": bucket, "Key": key}
+        if content_type is not None:
+            params["ResponseContentDisposition"] = mediatypes.disposition(content_type)
         return self._signer.generate_presigned_url(
-            "get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_in
+            "get_object", Params=params, ExpiresIn=expires_in
         )

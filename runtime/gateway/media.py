@@ -15,7 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse
 
-from imhub.runtime import errors
+from imhub.runtime import errors, mediatypes
 from imhub.runtime.adapters.media import LocalMediaStore
 from imhub.runtime.gateway.rest import RuntimeDep
 
@@ -101,4 +101,5 @@ async def download(
     tenant_id = key.split("/", 1)[0]
     obj = await runtime.store.get_media(tenant_id, key)
     media_type = obj.content_type if obj else "application/octet-stream"
-    return FileResponse(path, media_type=media_type)
+    headers = {**mediatypes.SAFE_HEADERS, "Content-Disposition": mediatypes.disposition(media_type)}
+    return FileResponse(path, media_type=media_type, headers=headers)

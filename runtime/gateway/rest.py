@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from imhub.runtime import auth, errors, models, observability, turn
+from imhub.runtime import auth, errors, mediatypes, models, observability, turn
 from imhub.runtime.wiring import Runtime
 
 __all__ = ["router"]
@@ -266,13 +266,14 @@ async def upload_token(
             f"file is {body.size} bytes, the limit is {tenant.limits.max_upload_bytes}",
             details={"limit": tenant.limits.max_upload_bytes},
         )
-    if not tenant.limits.content_type_allowed(body.content_type):
+    content_type = mediatypes.normalize(body.content_type)
+    if not tenant.limits.content_type_allowed(content_type):
         raise errors.InvalidPayload(f"content type {body.content_type!r} is not allowed")
     name = _SAFE_NAME.sub("_", body.file_name).strip("._")[:100] or "file"
     key = f"{tenant.names.object_prefix}{body.conv_id}/{uuid.uuid4().hex}/{name}"
     ttl = runtime.config.media_url_ttl_seconds
     ticket = await runtime.media.presign_upload(
-        principal.tenant_id, key, content_type=body.content_type, size=body.size, expires_in=ttl
+        principal.tenant_id, key, content_type=content_type, size=body.size, expires_in=ttl
     )
     upload_url = _absolute(request, ticket.url)
     await runtime.store.record_media(
@@ -281,7 +282,7 @@ async def upload_token(
             key=key,
             conv_id=body.conv_id,
             uploader_id=principal.user_id,
-            content_type=body.content_type,
+            content_type=content_type,
             size=body.size,
             created_at=datetime.now(UTC),
         ),
@@ -309,7 +310,9 @@ async def download_url(
         raise errors.NotFound("no such media")
     await _visible(runtime, principal, obj.conv_id)
     ttl = runtime.config.media_url_ttl_seconds
-    url = await runtime.media.presign_download(principal.tenant_id, key, expires_in=ttl)
+    url = await runtime.media.presign_download(
+        principal.tenant_id, key, expires_in=ttl, content_type=obj.content_type
+    )
     return {
         "key": key,
         "url": _absolute(request, url),

@@ -422,3 +422,36 @@ async def test_unknown_object_with_valid_signature_is_404(
     t = await ticket(http, server, conv_id)
     url = (await download_url(http, server, t["key"])).json()["url"]
     assert_error(await http.get(url), 404, "not_found")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "disposition"),
+    [
+        (
+            "image/svg+xml",
+            b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>",
+            "attachment",
+        ),
+        ("IMAGE/PNG", PNG, "inline"),
+    ],
+)
+async def test_downloads_cannot_run_as_pages(
+    http: httpx.AsyncClient,
+    server: EmbeddedServer,
+    conv_id: str,
+    content_type: str,
+    body: bytes,
+    disposition: str,
+) -> None:
+    response = await upload_token(
+        http, server, conv_id, content_type=content_type, size=len(body), file_name="x"
+    )
+    assert response.status_code == 200, response.text
+    t = response.json()
+    assert t["headers"]["Content-Type"] == content_type.lower()
+    assert (await http.put(t["url"], content=body, headers=t["headers"])).status_code == 200
+    got = await http.get((await download_url(http, server, t["key"])).json()["url"])
+    assert got.status_code == 200 and got.content == body
+    assert got.headers["content-disposition"] == disposition
+    assert got.headers["x-content-type-options"] == "nosniff"
+    assert "sandbox" in got.headers["content-security-policy"]
