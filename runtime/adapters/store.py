@@ -393,12 +393,22 @@ class SqlStore:
 
     async def remove_member(self, tenant_id: str, conv_id: str, user_id: str) -> bool:
         m = t.members.c
+        mine = (m.tenant_id == tenant_id, m.conv_id == conv_id)
         async with self._begin(tenant_id) as conn:
-            result = await conn.execute(
-                t.members.delete().where(
-                    m.tenant_id == tenant_id, m.conv_id == conv_id, m.user_id == user_id
-                )
+            result = await conn.execute(t.members.delete().where(*mine, m.user_id == user_id))
+            # A group never stays without an owner: the longest-standing member
+            # takes over when the last owner leaves.
+            owners = await conn.scalar(
+                sa.select(sa.func.count()).select_from(t.members).where(*mine, m.role == "owner")
             )
+            if result.rowcount and not owners:
+                heir = await conn.scalar(
+                    sa.select(m.user_id).where(*mine).order_by(m.joined_at, m.user_id).limit(1)
+                )
+                if heir is not None:
+                    await conn.execute(
+                        t.members.update().where(*mine, m.user_id == heir).values(role="owner")
+                    )
         return bool(result.rowcount)
 
     async def members(self, tenant_id: str, conv_id: str) -> list[models.Member]:

@@ -94,11 +94,13 @@ async def _visible(
 
 
 class CreateConversation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["direct", "group"]
     member_ids: list[IdStr] = Field(min_length=1, max_length=100_000)
-    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    name: (
+        Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")] | None
+    ) = None
 
 
 @router.post("/v1/im/conversations", status_code=200, tags=["conversations"])
@@ -173,7 +175,7 @@ async def get_conversation(
 
 
 class AddMembers(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     user_ids: list[IdStr] = Field(min_length=1, max_length=1000)
 
@@ -191,7 +193,8 @@ async def add_members(
         raise errors.TooLarge(f"a group has at most {tenant.limits.max_group_members} members")
     added = await runtime.store.add_members(principal.tenant_id, conv_id, new)
     conv = await _visible(runtime, principal, conv_id)
-    return {**_conversation(conv, principal.user_id), "added": added}
+    unread = await runtime.store.unread_count(principal.tenant_id, conv_id, principal.user_id)
+    return {**_conversation(conv, principal.user_id, unread), "added": added}
 
 
 @router.delete("/v1/im/conversations/{conv_id}/members/{user_id}", tags=["conversations"])
@@ -220,8 +223,8 @@ async def history(
     runtime: RuntimeDep,
     principal: PrincipalDep,
     conv_id: Annotated[str, Query(min_length=1, max_length=64)],
-    before_seq: Annotated[int | None, Query(ge=0)] = None,
-    after_seq: Annotated[int | None, Query(ge=0)] = None,
+    before_seq: Annotated[int | None, Query(ge=0, le=2**62)] = None,
+    after_seq: Annotated[int | None, Query(ge=0, le=2**62)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> dict[str, Any]:
     await _visible(runtime, principal, conv_id)
@@ -236,8 +239,18 @@ async def history(
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
+def _safe_name(file_name: str) -> str:
+    """An ASCII object-key segment that keeps the extension: ``фото 🐱.png`` -> ``file.png``."""
+    stem, dot, ext = file_name.rpartition(".")
+    if not dot:
+        stem, ext = file_name, ""
+    stem = _SAFE_NAME.sub("_", stem).strip("._-")[:100] or "file"
+    ext = _SAFE_NAME.sub("", ext)[:16].lower()
+    return f"{stem}.{ext}" if ext else stem
+
+
 class UploadTokenRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     conv_id: IdStr
     file_name: Annotated[str, Field(min_length=1, max_length=255)]
@@ -269,7 +282,7 @@ async def upload_token(
     content_type = mediatypes.normalize(body.content_type)
     if not tenant.limits.content_type_allowed(content_type):
         raise errors.InvalidPayload(f"content type {body.content_type!r} is not allowed")
-    name = _SAFE_NAME.sub("_", body.file_name).strip("._")[:100] or "file"
+    name = _safe_name(body.file_name)
     key = f"{tenant.names.object_prefix}{body.conv_id}/{uuid.uuid4().hex}/{name}"
     ttl = runtime.config.media_url_ttl_seconds
     ticket = await runtime.media.presign_upload(
@@ -306,9 +319,10 @@ async def download_url(
     key: Annotated[str, Query(min_length=1, max_length=512)],
 ) -> dict[str, Any]:
     obj = await runtime.store.get_media(principal.tenant_id, key)
-    if obj is None:
+    conv = await runtime.store.get_conversation(principal.tenant_id, obj.conv_id) if obj else None
+    # One answer for "no such key" and "not yours": a key's existence is not leaked.
+    if obj is None or conv is None or conv.member(principal.user_id) is None:
         raise errors.NotFound("no such media")
-    await _visible(runtime, principal, obj.conv_id)
     ttl = runtime.config.media_url_ttl_seconds
     url = await runtime.media.presign_download(
         principal.tenant_id, key, expires_in=ttl, content_type=obj.content_type
@@ -341,7 +355,7 @@ async def ice_servers(runtime: RuntimeDep, principal: PrincipalDep) -> dict[str,
 
 
 class TokenRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     tenant_id: Annotated[str, Field(min_length=1, max_length=64)]
     user_id: IdStr

@@ -61,6 +61,16 @@ async def test_group_membership_rules(target: Target) -> None:
     assert ack["success"] is False and ack["error"]["code"] == "not_found"
     await client.close()
 
+    # When the owner leaves, the longest-standing member becomes the owner.
+    async with target.rest("acme", owner) as http:
+        await http.post(f"/v1/im/conversations/{conv_id}/members", json={"user_ids": [member]})
+        assert (
+            await http.delete(f"/v1/im/conversations/{conv_id}/members/{owner}")
+        ).status_code == 200
+    async with target.rest("acme", member) as http:
+        conv = (await http.get(f"/v1/im/conversations/{conv_id}")).json()
+    assert [(m["user_id"], m["role"]) for m in conv["members"]] == [(member, "owner")]
+
 
 async def test_history_paging_and_gap_sync(target: Target) -> None:
     a, b = _users(2)
