@@ -8,6 +8,7 @@ renders replies with :func:`ack_ok` / :func:`ack_error` / :func:`event`.
 from __future__ import annotations
 
 import enum
+import json
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -147,7 +148,15 @@ def parse_frame(raw: str | bytes) -> tuple[Frame | None, str | None, errors.Imhu
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return None, None, errors.InvalidPayload("frame is not valid JSON")
+        # orjson refuses integers beyond 64 bits; the stdlib parser takes them,
+        # which at least lets the error reach the right ack_id.
+        try:
+            doc = json.loads(raw)
+        except (ValueError, RecursionError):
+            return None, None, errors.InvalidPayload("frame is not valid JSON")
+        salvaged = doc.get("ack_id") if isinstance(doc, dict) else None
+        ack_id = salvaged if isinstance(salvaged, str) and 0 < len(salvaged) <= 128 else None
+        return None, ack_id, errors.InvalidPayload("numbers must fit in 64 bits")
     salvaged = doc.get("ack_id") if isinstance(doc, dict) else None
     ack_id = salvaged if isinstance(salvaged, str) and 0 < len(salvaged) <= 128 else None
     if not isinstance(doc, dict):

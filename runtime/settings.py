@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     ack_timeout_seconds: float = Field(default=10.0, gt=0)
     max_frame_bytes: int = Field(default=256 * 1024, ge=1024)
     send_queue_limit: int = Field(default=1000, ge=10)
+    send_queue_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
 
     # -- media (embedded) -----------------------------------------------------
     media_url_ttl_seconds: int = Field(default=900, ge=10, le=7 * 86400)

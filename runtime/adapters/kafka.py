@@ -49,6 +49,25 @@ _ADMIN_TIMEOUT = 10.0
 _COMMIT_ATTEMPTS = 3
 
 
+class _LibrdkafkaLog:
+    """librdkafka's log lines, into Python logging, capped at WARNING: a broker
+    that is down logs a connect failure every backoff, and what matters to the
+    caller already surfaces as an exception or a callback."""
+
+    _logger = logging.getLogger(f"{__name__}.librdkafka")
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        self._logger.log(min(level, logging.WARNING), fmt, *args)
+
+
+def _is_fatal(err: confluent_kafka.KafkaError) -> bool:
+    """A client that reported this must be replaced: it will not recover."""
+    return bool(err.fatal()) or err.code() in (
+        confluent_kafka.KafkaError._FATAL,
+        confluent_kafka.KafkaError.FENCED_INSTANCE_ID,
+    )
+
+
 def _unavailable(what: str, err: Any) -> errors.Unavailable:
     text = err.str() if isinstance(err, confluent_kafka.KafkaError) else str(err)
     return errors.Unavailable(f"{what}: {text}")
@@ -101,6 +120,7 @@ class KafkaBus:
             "reconnect.backoff.ms": 100,
             "reconnect.backoff.max.ms": 1000,
             "log.connection.close": False,
+            "logger": _LibrdkafkaLog(),
             **(config or {}),
         }
         self._producer_config: dict[str, Any] = {
@@ -127,7 +147,10 @@ class KafkaBus:
             return
         self._loop = asyncio.get_running_loop()
         self._producer = confluent_kafka.Producer(self._producer_config)
-        self._admin = kafka_admin.AdminClient(self._base)
+        # The admin client's log lines would only be served by admin.poll(),
+        # which nothing calls; its failures surface as exceptions anyway.
+        admin_config = {k: v for k, v in self._base.items() if k != "logger"}
+        self._admin = kafka_admin.AdminClient({**admin_config, "log_level": 2})
         self._stopping.clear()
         self._poller = threading.Thread(
             target=self._poll_loop, name=f"kafka-poll-{self.client_id}", daemon=True
@@ -328,19 +351,48 @@ class KafkaConsumer:
         self._topics = topics
         self._from_latest = from_latest
         self._group = str(config["group.id"])
-        self._consumer = confluent_kafka.Consumer(config)
+        self._config = config
+        self._consumer = self._new_consumer()
         self._lock = asyncio.Lock()
         self._closed = False
+        self._fatal: confluent_kafka.KafkaError | None = None
         self._stop = threading.Event()
         self.positioned = not from_latest
         self._setup: asyncio.Task[None] | None = None
         if from_latest:
             # Start positioning right away: readiness waits for it.
             self._setup = asyncio.get_running_loop().create_task(self._position_at_end())
-        else:
-            self._consumer.subscribe(
-                topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
+
+    def _new_consumer(self) -> confluent_kafka.Consumer:
+        consumer = confluent_kafka.Consumer(self._config)
+        if not self._from_latest:
+            consumer.subscribe(
+                self._topics,
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
             )
+        return consumer
+
+    def _replace(self) -> None:
+        """Swap a consumer that hit a fatal error for a new one (same group and
+        instance id). Static membership makes this necessary: after a broker
+        restart the coordinator may hold a newer member id for our instance id
+        and fence us (FENCED_INSTANCE_ID); a new consumer joins as that
+        instance again and takes the partitions back. Its uncommitted records
+        are redelivered, which the handlers tolerate."""
+        old, err = self._consumer, self._fatal
+        logger.error(
+            "kafka group %s: consumer failed (%s); replacing it",
+            self._group,
+            err.str() if err is not None else "?",
+        )
+        with contextlib.suppress(confluent_kafka.KafkaException, RuntimeError):
+            old.close()
+        self._consumer = self._new_consumer()
+        self._fatal = None
+        if self._from_latest:
+            self._assign_at_end()
 
     # -- group membership -------------------------------------------------------------
 
@@ -415,6 +467,15 @@ class KafkaConsumer:
         async with self._lock:
             if self._closed:
                 return []
+            if self._fatal is not None:
+                try:
+                    await asyncio.to_thread(self._replace)
+                except (confluent_kafka.KafkaException, errors.Unavailable, KeyError) as exc:
+                    logger.warning(
+                        "kafka group %s: replacing failed, retrying: %s", self._group, exc
+                    )
+                    await asyncio.sleep(min(timeout, 1.0))
+                    return []
             return await asyncio.to_thread(self._consume, max_records, timeout)
 
     def _consume(self, max_records: int, timeout: float) -> list[ports.Record]:
@@ -429,14 +490,20 @@ class KafkaConsumer:
             if max_records > 1:
                 batch += self._consumer.consume(num_messages=max_records - 1, timeout=0)
         except confluent_kafka.KafkaException as exc:
+            err = exc.args[0]
+            if isinstance(err, confluent_kafka.KafkaError) and _is_fatal(err):
+                self._fatal = err
             logger.warning("kafka consume failed (retrying): %s", exc)
             return []
         out: list[ports.Record] = []
         for msg in batch:
             err = msg.error()
             if err is not None:
-                if err.fatal():
-                    raise _unavailable("kafka consumer failed", err)
+                if _is_fatal(err):
+                    # Nothing after this from this consumer; the next poll
+                    # replaces it. Records already taken are still good.
+                    self._fatal = err
+                    break
                 logger.warning("kafka consume: %s", err.str())
                 continue
             topic, partition, offset, key = msg.topic(), msg.partition(), msg.offset(), msg.key()
@@ -479,6 +546,8 @@ class KafkaConsumer:
                 return
             except confluent_kafka.KafkaException as exc:
                 err = exc.args[0]
+                if isinstance(err, confluent_kafka.KafkaError) and _is_fatal(err):
+                    self._fatal = err
                 retriable = isinstance(err, confluent_kafka.KafkaError) and err.retriable()
                 if retriable and attempt < _COMMIT_ATTEMPTS:
                     time.sleep(0.2 * attempt)

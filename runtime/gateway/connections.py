@@ -36,20 +36,28 @@ class Connection:
     __slots__ = (
         "_closing",
         "_queue",
+        "_queue_bytes_limit",
         "_queue_limit",
+        "_queued_bytes",
         "_writer",
         "_writer_or_closer",
+        "close_reason",
         "conn_id",
         "principal",
         "ws",
     )
 
-    def __init__(self, ws: WebSocket, principal: Principal, *, queue_limit: int) -> None:
+    def __init__(
+        self, ws: WebSocket, principal: Principal, *, queue_limit: int, queue_bytes: int = 1 << 22
+    ) -> None:
         self.ws = ws
         self.principal = principal
         self.conn_id = uuid.uuid4().hex[:12]
         self._queue: collections.deque[str] = collections.deque()
         self._queue_limit = queue_limit
+        self._queue_bytes_limit = queue_bytes
+        self._queued_bytes = 0
+        self.close_reason: str | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -61,11 +69,16 @@ class Connection:
         """Queue a frame; a client that stops reading is disconnected."""
         if self._closing:
             return
-        if len(self._queue) >= self._queue_limit:
+        if (
+            len(self._queue) >= self._queue_limit
+            or self._queued_bytes + len(text) > self._queue_bytes_limit
+        ):
             self._queue.clear()
+            self._queued_bytes = 0
             self.close_soon(protocol.CloseCode.SLOW_CONSUMER, "send queue overflow")
             return
         self._queue.append(text)
+        self._queued_bytes += len(text)
         if self._writer is None:
             self._writer = asyncio.create_task(self._drain())
 
@@ -73,12 +86,14 @@ class Connection:
         try:
             while self._queue:
                 text = self._queue.popleft()
+                self._queued_bytes -= len(text)
                 if self.ws.application_state != WebSocketState.CONNECTED:
                     self._queue.clear()
                     break
                 await self.ws.send_text(text)
         except Exception:  # noqa: BLE001 - any send failure: the reader sees the close
             self._queue.clear()
+            self._queued_bytes = 0
         finally:
             self._writer = None
 
@@ -86,6 +101,7 @@ class Connection:
         if self._closing:
             return
         self._closing = True
+        self.close_reason = reason
         self._writer_or_closer = asyncio.create_task(self._close(code, reason))
 
     async def _close(self, code: int, reason: str) -> None:

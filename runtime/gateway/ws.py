@@ -46,8 +46,9 @@ async def _receive(ws: WebSocket, timeout: float) -> str | bytes | None:
 
 
 async def _send_now(ws: WebSocket, frame: dict[str, Any]) -> None:
+    text = protocol.encode(frame)  # outside the try: a bad frame is a bug, not a closed socket
     try:
-        await ws.send_text(protocol.encode(frame))
+        await ws.send_text(text)
     except Exception:  # noqa: BLE001 - any send failure means the socket is gone
         raise _Closed() from None
 
@@ -68,22 +69,16 @@ async def serve_websocket(
 ) -> None:
     await ws.accept()
     try:
-        principal = await _authorize(ws, verifier, config)
-        if principal is None:
+        authorized = await _authorize(ws, hub, verifier, registry, config)
+        if authorized is None:
             return
-        tenant = registry.get(principal.tenant_id)
-        assert tenant is not None
-        if (
-            hub.count(principal.tenant_id, principal.user_id)
-            >= tenant.limits.max_connections_per_user
-        ):
-            await _send_now(
-                ws,
-                protocol.ack_error(None, errors.RateLimited("too many connections for this user")),
-            )
-            await _close(ws, protocol.CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
-            return
-        conn = connections.Connection(ws, principal, queue_limit=config.send_queue_limit)
+        principal, tenant = authorized
+        conn = connections.Connection(
+            ws,
+            principal,
+            queue_limit=config.send_queue_limit,
+            queue_bytes=config.send_queue_bytes,
+        )
         observability.bind(tenant_id=principal.tenant_id, conn_id=conn.conn_id)
         await hub.register(conn)
         logger.info("ws connected", extra={"user_id": principal.user_id})
@@ -92,21 +87,35 @@ async def serve_websocket(
             reason = await _Session(conn, hub, tenant, config).run()
         finally:
             await hub.unregister(conn)
-            logger.info("ws closed", extra={"reason": reason})
+            logger.info("ws closed", extra={"reason": conn.close_reason or reason})
     except _Closed:
         return
 
 
+# Before authorize a socket gets a small budget: enough for a client that
+# retries, too little to make the server do work for free.
+_UNAUTHORIZED_RATE = 5.0
+_UNAUTHORIZED_BURST = 10
+
+
 async def _authorize(
-    ws: WebSocket, verifier: auth.TokenVerifier, config: settings.Settings
-) -> auth.Principal | None:
+    ws: WebSocket,
+    hub: connections.Hub,
+    verifier: auth.TokenVerifier,
+    registry: tenants.TenantRegistry,
+    config: settings.Settings,
+) -> tuple[auth.Principal, tenants.Tenant] | None:
     """Wait for a valid ``authorize``; anything else before it is answered, not served."""
     deadline = time.monotonic() + config.auth_timeout_seconds
+    bucket = limits.TokenBucket(_UNAUTHORIZED_RATE, _UNAUTHORIZED_BURST)
     while True:
         remaining = deadline - time.monotonic()
         raw = await _receive(ws, max(remaining, 0.0)) if remaining > 0 else None
         if raw is None:
             await _close(ws, protocol.CloseCode.AUTH_TIMEOUT, "authorize timeout")
+            return None
+        if not bucket.take():
+            await _close(ws, protocol.CloseCode.ABUSE, "too many frames before authorize")
             return None
         if isinstance(raw, bytes):
             await _send_now(
@@ -137,6 +146,15 @@ async def _authorize(
             await _send_now(ws, protocol.ack_error(ack_id, exc))
             await _close(ws, protocol.CloseCode.AUTH_FAILED, exc.message[:100])
             return None
+        tenant = registry.get(principal.tenant_id)
+        assert tenant is not None  # the verifier only accepts configured tenants
+        limit = tenant.limits.max_connections_per_user
+        if hub.count(principal.tenant_id, principal.user_id) >= limit:
+            err = errors.RateLimited(f"this user already has {limit} connections")
+            observability.ERRORS.labels(err.code.value).inc()
+            await _send_now(ws, protocol.ack_error(ack_id, err))
+            await _close(ws, protocol.CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
+            return None
         await _send_now(
             ws,
             protocol.ack_ok(
@@ -144,12 +162,13 @@ async def _authorize(
                 {
                     "tenant_id": principal.tenant_id,
                     "user_id": principal.user_id,
-                    "expires_at": int(principal.expires_at),
+                    # Clamped so any accepted token renders as a JSON number.
+                    "expires_at": min(int(principal.expires_at), 2**53),
                     "idle_timeout": config.idle_timeout_seconds,
                 },
             ),
         )
-        return principal
+        return principal, tenant
 
 
 class _Session:

@@ -234,3 +234,36 @@ async def test_rate_limit(session: tuple[Client, str]) -> None:
     assert sum(a["success"] for a in acks) >= 100  # the burst went through
     await asyncio.sleep(1.5)  # the bucket refills
     await _alive(client, conv_id)
+
+
+async def test_connection_limit_is_refused_before_authorize_succeeds(target: Target) -> None:
+    user = f"multi-{secrets.token_hex(3)}"
+    token = target.token("acme", user)
+    clients = [await Client.connect(target.ws(), token) for _ in range(10)]  # the default limit
+    try:
+        extra = await Client.connect(target.ws())
+        ack = await extra.request("authorize", {"token": token})
+        assert ack["success"] is False and ack["error"]["code"] == "rate_limited"
+        code, _ = await extra.wait_closed()
+        assert code == 4003
+    finally:
+        for client in clients:
+            await client.close()
+
+
+async def test_flooding_before_authorize_is_cut_off(target: Target) -> None:
+    client = await Client.connect(target.ws())
+    for _ in range(30):
+        try:
+            await client.send_raw('{"event": "ping", "payload": {}}')
+        except Exception:  # noqa: BLE001 - closed mid-flood
+            break
+    code, _ = await client.wait_closed()
+    assert code == 4008
+
+
+async def test_huge_numbers_keep_their_ack_id(session: tuple[Client, str]) -> None:
+    client, conv_id = session
+    ack = await client.request("mark_read", {"conv_id": conv_id, "last_read_seq": 10**40})
+    assert _err(ack) == "invalid_payload"
+    await _alive(client, conv_id)
