@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
 from collections.abc import Sequence
@@ -220,5 +221,50 @@ async def test_produce_during_broker_outage_is_unavailable(
         # broker did write would be allowed, but this one never left the client).
         assert values[0] == "before" and values[-1] == "after"
         assert values.count("after") == 1
+    finally:
+        await bus.close()
+
+
+async def test_fenced_static_member_replaces_itself(
+    kafka_bootstrap: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After a broker restart the coordinator may hold a newer member id for our
+    static instance id and fence us (a fatal error in librdkafka); the consumer
+    must come back on its own instead of going quiet forever."""
+    caplog.set_level(logging.ERROR, logger="imhub.runtime.adapters.kafka")
+    topic, group = _topic(), f"svc-{secrets.token_hex(3)}"
+    client_id = f"imhub-svc-{secrets.token_hex(3)}"
+    bus = kafka.KafkaBus(kafka_bootstrap, client_id=client_id, partitions=1)
+    await bus.start()
+    try:
+        await bus.ensure_topics([topic])
+        await bus.produce(topic, "c_a", b"one")
+        consumer = bus.consumer([topic], group)
+        assert _values(await _drain(consumer, 1)) == ["one"]
+
+        # Another consumer joins under the same instance id and fences ours.
+        ghost = confluent_kafka.Consumer(
+            {
+                "bootstrap.servers": kafka_bootstrap,
+                "group.id": group,
+                "group.instance.id": f"{client_id}.{group}",
+                "session.timeout.ms": 6000,
+                "enable.auto.commit": False,
+            }
+        )
+        ghost.subscribe([topic])
+        deadline = time.monotonic() + 20
+        while not ghost.assignment() and time.monotonic() < deadline:
+            await asyncio.to_thread(ghost.poll, 0.2)
+        assert ghost.assignment()
+        await asyncio.to_thread(ghost.close)
+
+        await bus.produce(topic, "c_a", b"two")
+        # Ours notices, replaces itself and gets the uncommitted records again.
+        again = await _drain(consumer, 2, timeout=30)
+        assert _values(again)[-2:] == ["one", "two"] or _values(again) == ["two"]
+        assert any("replacing it" in r.getMessage() for r in caplog.records)
+        await consumer.commit(again)
+        await consumer.close()
     finally:
         await bus.close()
