@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy.exc
 import yaml
 from pydantic import ValidationError
+
+from imhub.runtime import errors
 
 __all__ = ["main"]
 
@@ -50,13 +53,22 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Any:
     try:
         return settings.Settings(**values)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise UsageError(
-            f"bad setting {'.'.join(map(str, first['loc']))}: {first['msg']}"
-        ) from None
+        raise UsageError(f"bad setting {_describe(exc)}") from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise UsageError(f"cannot read the config file: {str(exc).splitlines()[0]}") from None
 
 
-def _registry(config: Any, *, demo: bool = False) -> Any:
+def _describe(exc: ValidationError) -> str:
+    """The first few problems, each with where it is: one line for a human."""
+    parts = []
+    for err in exc.errors()[:3]:
+        where = ".".join(str(p) for p in err["loc"]) or "value"
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _registry(config: Any, *, demo: bool = False, demo_capable: bool = False) -> Any:
     from imhub.runtime import tenants
 
     tenants_file = config.tenants_file
@@ -75,14 +87,19 @@ def _registry(config: Any, *, demo: bool = False) -> Any:
         registry = tenants.load_tenants(tenants_file)
     except FileNotFoundError as exc:
         raise UsageError(f"tenants file not found: {exc.filename}") from None
-    except (ValidationError, ValueError, yaml.YAMLError) as exc:
+    except OSError as exc:
+        raise UsageError(f"cannot read tenants file {tenants_file}: {exc.strerror}") from None
+    except ValidationError as exc:
+        raise UsageError(f"bad tenant configuration: {_describe(exc)}") from None
+    except (ValueError, yaml.YAMLError) as exc:
         raise UsageError(f"bad tenant configuration: {str(exc).splitlines()[0]}") from None
     if demo and registry.get("demo") is None:
         raise UsageError("--demo needs a tenant 'demo' in the tenants file")
     if not len(registry):
+        hint = ", or use --demo" if demo_capable else ""
         raise UsageError(
-            "no tenants configured: pass --tenants FILE, set IMHUB_TENANTS or IMHUB_TENANT_ID, "
-            "or use --demo"
+            "no tenants configured: pass --tenants FILE or set IMHUB_TENANTS or "
+            f"IMHUB_TENANT_ID{hint}"
         )
     return registry
 
@@ -132,8 +149,8 @@ def _run_server(config: Any, registry: Any, roles: Sequence[str], *, demo: bool 
     observability.configure_logging(config.log_level, config.log_format)
     try:
         runtime = wiring.Runtime(config, registry, roles=roles, demo=demo)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    except (ValueError, sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as exc:
+        raise UsageError(f"bad database URL or setting: {str(exc).splitlines()[0]}") from None
     application = app_module.create_app(runtime)
     server = uvicorn.Server(
         uvicorn.Config(
@@ -157,8 +174,18 @@ def _run_server(config: Any, registry: Any, roles: Sequence[str], *, demo: bool 
             f"  token: imhub token --tenant demo --user alice --data-dir {config.data_dir}",
             file=sys.stderr,
         )
-    server.run()
-    return 0 if server.started else 1
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits on bind or lifespan start-up failure
+        print(
+            f"imhub: the server failed to start (exit {exc.code}); see the log above",
+            file=sys.stderr,
+        )
+        return 1
+    if not server.started:
+        print("imhub: the server failed to start; see the log above", file=sys.stderr)
+        return 1
+    return 0
 
 
 # -- commands ---------------------------------------------------------------------
@@ -166,12 +193,32 @@ def _run_server(config: Any, registry: Any, roles: Sequence[str], *, demo: bool 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = _settings(args)
-    registry = _registry(config, demo=args.demo)
+    _prepare_data_dir(config.data_dir)
+    registry = _registry(config, demo=args.demo, demo_capable=True)
     if args.demo:
-        asyncio.run(_seed_demo(config, registry))
+        if config.host not in ("127.0.0.1", "localhost", "::1"):
+            print(
+                "imhub: warning: --demo hands out tokens for alice, bob and carol at "
+                "/demo/token to anyone who can reach this address",
+                file=sys.stderr,
+            )
+        try:
+            asyncio.run(_seed_demo(config, registry))
+        except (OSError, errors.ImhubError, sqlalchemy.exc.SQLAlchemyError) as exc:
+            raise UsageError(f"cannot prepare the demo data: {str(exc).splitlines()[0]}") from None
     return _run_server(
         config, registry, ("gateway", "message-service", "rtc-service"), demo=args.demo
     )
+
+
+def _prepare_data_dir(path: Path) -> None:
+    """Create the data directory private to this user (it holds messages and keys)."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create data directory {path}: {exc.strerror}") from None
+    if not path.is_dir():
+        raise UsageError(f"data directory {path} is not a directory")
 
 
 def _cmd_role(role: str) -> Any:
@@ -195,6 +242,8 @@ def cmd_token(args: argparse.Namespace) -> int:
         token, _ = auth.mint_token(tenant, args.user, ttl=args.ttl)
     except errors.ImhubError as exc:
         raise UsageError(exc.message) from None
+    except ValueError as exc:  # no HS256 key to sign with
+        raise UsageError(str(exc)) from None
     print(token)
     return 0
 
@@ -221,7 +270,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     if not schemas:
         schemas = [t.names.db_schema for t in _registry(config)]
     for schema in schemas:
-        migrations.upgrade(url, schema=schema)
+        try:
+            migrations.upgrade(url, schema=schema)
+        except (OSError, sqlalchemy.exc.SQLAlchemyError) as exc:
+            print(
+                f"imhub: migrating schema {schema} failed: {str(exc).splitlines()[0]}",
+                file=sys.stderr,
+            )
+            return 1
         print(f"migrated schema {schema}")
     return 0
 

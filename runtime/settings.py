@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     tenants_file: Path | None = None
     public_url: str | None = None
     instance_id: str = Field(default_factory=lambda: f"gw-{uuid.uuid4().hex[:8]}")
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     # Browser apps on other origins call the API with a bearer token (no
     # cookies), so allowing any origin exposes nothing a token does not.
@@ -79,8 +79,15 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         config_file = os.environ.get("IMHUB_CONFIG")
         if config_file:
+            if not os.path.isfile(config_file):
+                raise FileNotFoundError(f"no such config file: {config_file}")
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=config_file))
         return tuple(sources)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @property
     def embedded(self) -> bool:

@@ -48,7 +48,26 @@ class SigningKey(BaseModel):
             raise ValueError(f"key {self.kid!r}: {self.alg} needs 'public_key' (PEM)")
         if self.alg != "HS256" and self.secret:
             raise ValueError(f"key {self.kid!r}: {self.alg} keys take a public key, no secret")
+        if self.public_key is not None:
+            _check_public_key(self.kid, self.alg, self.public_key)
         return self
+
+
+def _check_public_key(kid: str, alg: str, pem: str) -> None:
+    """Refuse at load time a key that could never verify a token."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    try:
+        key = serialization.load_pem_public_key(pem.encode())
+    except ValueError:
+        raise ValueError(f"key {kid!r}: public_key is not a PEM public key") from None
+    if alg == "RS256" and not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError(f"key {kid!r}: RS256 needs an RSA public key")
+    if alg == "ES256" and not (
+        isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+    ):
+        raise ValueError(f"key {kid!r}: ES256 needs a P-256 public key")
 
 
 class TenantLimits(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -115,3 +116,28 @@ def test_turn_credentials_match_coturn_rules() -> None:
         ttl=60,
     )
     assert doc["ice_servers"] == [{"urls": ["stun:x"]}]
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    bad_pem = tmp_path / "t.yaml"
+    bad_pem.write_text(
+        "tenants:\n- tenant_id: abc\n  keys: [{kid: a, alg: RS256, public_key: x}]\n"
+    )
+    cases = [
+        ["serve", "--tenants", str(tmp_path)],
+        ["serve", "--log-level", "NOPE", "--demo", "--data-dir", str(tmp_path / "d")],
+        ["serve", "--database-url", "nope://", "--demo", "--data-dir", str(tmp_path / "d")],
+        ["serve", "--tenants", str(bad_pem)],
+        ["token", "--tenant", "nope", "--user", "a", "--data-dir", str(tmp_path / "empty")],
+    ]
+    for args in cases:
+        proc = subprocess.run(
+            [sys.executable, "-m", "imhub", *args], capture_output=True, text=True, timeout=60
+        )
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("imhub: "), (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
