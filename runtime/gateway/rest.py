@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from imhub.runtime import auth, errors, mediatypes, models, observability, turn
+from imhub.runtime.gateway import limits
 from imhub.runtime.wiring import Runtime
 
 __all__ = ["router"]
@@ -362,15 +363,32 @@ class TokenRequest(BaseModel):
     ttl: Annotated[int, Field(ge=60, le=30 * 86400)] = 3600
 
 
+_FAILED_KEYS: dict[str, limits.TokenBucket] = {}
+
+
+def _failed_key_budget(request: Request) -> limits.TokenBucket:
+    """Failed API-key attempts per client address: a burst of 20, then 1 per second."""
+    host = request.client.host if request.client else "?"
+    bucket = _FAILED_KEYS.get(host)
+    if bucket is None:
+        if len(_FAILED_KEYS) > 10_000:
+            _FAILED_KEYS.clear()
+        bucket = _FAILED_KEYS[host] = limits.TokenBucket(1.0, 20)
+    return bucket
+
+
 @router.post("/v1/auth/token", tags=["auth"])
 async def issue_token(
     body: TokenRequest,
+    request: Request,
     runtime: RuntimeDep,
     x_api_key: Annotated[str | None, Header()] = None,
 ) -> dict[str, Any]:
     tenant = runtime.registry.get(body.tenant_id)
     # One answer for "no such tenant" and "wrong key": the id alone proves nothing.
     if tenant is None or not x_api_key or not tenant.api_key_matches(x_api_key):
+        if not _failed_key_budget(request).take():
+            raise errors.RateLimited("too many failed API key attempts; slow down")
         raise errors.Unauthorized("invalid tenant or API key")
     token, exp = auth.mint_token(tenant, body.user_id, ttl=body.ttl)
     return {"token": token, "token_type": "Bearer", "expires_at": exp}

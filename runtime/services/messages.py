@@ -154,6 +154,13 @@ class MessageService:
             max_bytes=tenant.limits.max_content_bytes,
             server_made=server_made,
         )
+        # A media key must be one uploaded to this conversation: its members are
+        # the ones allowed to download it.
+        key = content.get("key") if isinstance(content, dict) else None
+        if key is not None and not str(key).startswith(
+            f"{tenant.names.object_prefix}{cmd['conv_id']}/"
+        ):
+            raise errors.InvalidPayload("media key does not belong to this conversation")
 
     async def _sends(
         self, tenant_id: str, members: dict[str, set[str]], cmds: list[dict[str, Any]]

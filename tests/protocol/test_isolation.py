@@ -155,3 +155,40 @@ async def test_api_key_endpoint(target: Target) -> None:
     client = await Client.connect(target.ws(), token)
     assert (await client.request("ping", {}))["success"]
     await client.close()
+
+
+async def test_media_keys_of_other_conversations_are_refused(
+    target: Target, acme_world: dict[str, str]
+) -> None:
+    # bob is a member of acme_world's conversation but sends its key into another one.
+    other = await create_conversation(target, "acme", acme_world["bob"], ["someone"])
+    client = await Client.connect(target.ws(), target.token("acme", acme_world["bob"]))
+    try:
+        for key in (acme_world["key"], "other/../../etc/passwd"):
+            ack = await client.request(
+                "send_message",
+                {
+                    "conv_id": other["conv_id"],
+                    "client_msg_id": secrets.token_hex(4),
+                    "type": "image",
+                    "content": {"key": key, "width": 1, "height": 1},
+                },
+            )
+            assert ack["success"] is False and ack["error"]["code"] == "invalid_payload"
+    finally:
+        await client.close()
+
+
+async def test_api_key_guessing_is_throttled(target: Target) -> None:
+    async with httpx.AsyncClient(base_url=target.http()) as http:
+        codes = [
+            (
+                await http.post(
+                    "/v1/auth/token",
+                    json={"tenant_id": "acme", "user_id": "z"},
+                    headers={"X-API-Key": f"guess-{n}"},
+                )
+            ).status_code
+            for n in range(40)
+        ]
+    assert codes[:10] == [401] * 10 and 429 in codes
