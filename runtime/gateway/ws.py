@@ -222,7 +222,15 @@ class _Session:
                     errors.InvalidPayload("binary frames are not supported; send JSON text frames"),
                 )
                 continue
-            await self._frame(raw)
+            try:
+                await self._frame(raw)
+            except _Closed:
+                raise
+            except Exception:  # noqa: BLE001 - a bug must cost one frame, not the connection
+                logger.exception("unexpected error handling a frame")
+                self.hub.ack_error(
+                    conn, _salvage_ack_id(raw), "frame", errors.Internal("internal error")
+                )
 
     async def _frame(self, raw: str) -> None:
         conn, hub = self.conn, self.hub
