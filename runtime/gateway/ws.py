@@ -226,7 +226,7 @@ class _Session:
                 await self._frame(raw)
             except _Closed:
                 raise
-            except Exception:  # noqa: BLE001 - a bug must cost one frame, not the connection
+            except Exception:
                 logger.exception("unexpected error handling a frame")
                 self.hub.ack_error(
                     conn, _salvage_ack_id(raw), "frame", errors.Internal("internal error")
