@@ -114,6 +114,9 @@ class KafkaBus:
         self._replication = replication
         self._static = static_membership
         self._session_timeout_ms = session_timeout_ms
+        # librdkafka always reports within message.timeout.ms; the margin only
+        # guards against a report that never comes.
+        self._delivery_timeout = message_timeout_ms / 1000 + 5
         self._base: dict[str, Any] = {
             "bootstrap.servers": bootstrap,
             "client.id": client_id,
@@ -269,7 +272,7 @@ class KafkaBus:
         logger.warning("kafka: replaced the producer after a fatal error")
         if old is not None:
             old.purge()
-            old.flush(0)
+            old.flush(0)  # serves the purged records' reports: their callers get errors
 
     async def produce(self, topic: str, key: str, value: bytes) -> None:
         """Return once the broker acknowledged the record; raise
@@ -299,7 +302,10 @@ class KafkaBus:
                 await asyncio.sleep(0.05)
             except confluent_kafka.KafkaException as exc:
                 raise _unavailable("kafka refused the record", exc.args[0]) from exc
-        await done
+        try:
+            await asyncio.wait_for(done, self._delivery_timeout)
+        except TimeoutError:
+            raise errors.Unavailable("kafka did not report the delivery in time") from None
 
     # -- consume ------------------------------------------------------------------
 
