@@ -50,13 +50,29 @@ _COMMIT_ATTEMPTS = 3
 
 
 class _LibrdkafkaLog:
-    """librdkafka's log lines, into Python logging, capped at WARNING: a broker
-    that is down logs a connect failure every backoff, and what matters to the
-    caller already surfaces as an exception or a callback."""
+    """librdkafka's log lines, into Python logging, capped at WARNING: what
+    matters to the caller already surfaces as an exception or a callback.
+    Connection failures (``FAIL``) repeat with every reconnect attempt while a
+    broker is down; one line per client every 10 s is enough."""
 
     _logger = logging.getLogger(f"{__name__}.librdkafka")
+    _EVERY = 10.0
+
+    def __init__(self) -> None:
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
 
     def log(self, level: int, fmt: str, *args: Any) -> None:
+        if args and args[0] == "FAIL":
+            client = str(args[1]) if len(args) > 1 else ""
+            now = time.monotonic()
+            if now - self._last.get(client, -self._EVERY) < self._EVERY:
+                self._suppressed[client] = self._suppressed.get(client, 0) + 1
+                return
+            self._last[client] = now
+            skipped = self._suppressed.pop(client, 0)
+            if skipped:
+                fmt += f" ({skipped} more connection failures in the last {self._EVERY:.0f} s)"
         self._logger.log(min(level, logging.WARNING), fmt, *args)
 
 
