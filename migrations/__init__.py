@@ -14,9 +14,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def alembic_config(url: str, *, schema: str | None = None) -> Config:
+    from imhub.runtime.adapters.store import normalize_url
+
     cfg = Config()
     cfg.set_main_option("script_location", str(HERE))
-    cfg.attributes["url"] = url
+    cfg.attributes["url"] = normalize_url(url)
     cfg.attributes["schema"] = schema
     return cfg
 

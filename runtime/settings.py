@@ -54,6 +54,11 @@ class Settings(BaseSettings):
 
     # -- bus ------------------------------------------------------------------
     bus_partitions: int = Field(default=8, ge=1, le=256)
+    kafka_replication_factor: int = Field(default=1, ge=1, le=7)
+    # Consumer groups are "<prefix>.message-service" / "<prefix>.rtc-service";
+    # the default prefix is the tenant's topic prefix when the process serves
+    # one tenant, so tenants never share a group (and a rebalance).
+    consumer_group_prefix: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._-]{1,100}$")
     consumer_batch: int = Field(default=500, ge=1, le=10000)
 
     # -- WebSocket limits and timeouts ----------------------------------------

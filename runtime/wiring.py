@@ -13,7 +13,7 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from imhub.runtime import auth, errors, ports, settings, tenants
+from imhub.runtime import auth, errors, ports, settings, tenancy, tenants
 from imhub.runtime.adapters import media, memory, store, webhook
 from imhub.runtime.services import messages, push, rtc
 
@@ -75,6 +75,7 @@ class Runtime:
                 self.config.kafka_bootstrap,
                 client_id=f"imhub-{self.config.instance_id}",
                 partitions=self.config.bus_partitions,
+                replication=self.config.kafka_replication_factor,
             )
         if "message-service" not in self.roles or "gateway" not in self.roles:
             raise ValueError(
@@ -100,6 +101,13 @@ class Runtime:
             secret=secret,
             public_url=self.config.public_url,
         )
+
+    def consumer_group(self, service: str) -> str:
+        prefix = self.config.consumer_group_prefix
+        if prefix is None:
+            ids = self.registry.ids()
+            prefix = tenancy.names_for(ids[0]).topic_prefix if len(ids) == 1 else "imhub"
+        return f"{prefix}.{service}"
 
     def tenant(self, tenant_id: str) -> tenants.Tenant:
         tenant = self.registry.get(tenant_id)
@@ -143,12 +151,18 @@ class Runtime:
                 notifier=notifier,
                 batch=self.config.consumer_batch,
             )
-            self.spawn(svc.run(self.stop_event), "message-service")
+            self.spawn(
+                svc.run(self.stop_event, group=self.consumer_group("message-service")),
+                "message-service",
+            )
         if "rtc-service" in self.roles:
             rtc_svc = rtc.RtcService(
                 registry=self.registry, store=self.store, cache=self.cache, bus=self.bus
             )
-            self.spawn(rtc_svc.run(self.stop_event), "rtc-service")
+            self.spawn(
+                rtc_svc.run(self.stop_event, group=self.consumer_group("rtc-service")),
+                "rtc-service",
+            )
         logger.info(
             "runtime started", extra={"roles": sorted(self.roles), "tenants": self.registry.ids()}
         )

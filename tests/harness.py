@@ -161,6 +161,7 @@ class Client:
         self.events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.acks: dict[str | None, asyncio.Future[dict[str, Any]]] = {}
         self.orphan_acks: list[dict[str, Any]] = []
+        self._backlog: list[dict[str, Any]] = []
         self.closed: asyncio.Future[tuple[int | None, str]] = (
             asyncio.get_running_loop().create_future()
         )
@@ -221,15 +222,19 @@ class Client:
         )
 
     async def next_event(self, name: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        """The next event called ``name``; events of other kinds wait their turn."""
+        for index, frame in enumerate(self._backlog):
+            if name is None or frame["event"] == name:
+                return self._backlog.pop(index)
         deadline = time.monotonic() + timeout
         while True:
-            frame = await asyncio.wait_for(
-                self.events.get(), max(0.01, deadline - time.monotonic())
-            )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(name)
+            frame = await asyncio.wait_for(self.events.get(), remaining)
             if name is None or frame["event"] == name:
                 return frame
-            if time.monotonic() > deadline:
-                raise TimeoutError(name)
+            self._backlog.append(frame)
 
     async def collect(self, name: str, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
         out = []

@@ -202,8 +202,9 @@ class Hub:
         try:
             await self._bus.produce(topic, key, envelopes.encode(command))
         except errors.ImhubError as err:
-            self._pending.pop(request_id, None)
-            self.ack_error(conn, ack_id, event, err)
+            # Housekeeping may have timed the request out meanwhile: ack only once.
+            if self._pending.pop(request_id, None) is not None:
+                self.ack_error(conn, ack_id, event, err)
 
     def ack_ok(
         self, conn: Connection, ack_id: str | None, event: str, data: dict[str, Any]
