@@ -174,6 +174,12 @@ def _run_server(config: Any, registry: Any, roles: Sequence[str], *, demo: bool 
             f"  token: imhub token --tenant demo --user alice --data-dir {config.data_dir}",
             file=sys.stderr,
         )
+    import gc
+
+    # Collect the young generation less often: a chat server allocates many
+    # short-lived frames, and full collections over a large heap stall every
+    # connection at once.
+    gc.set_threshold(50_000, 20, 100)
     try:
         server.run()
     except SystemExit as exc:  # uvicorn exits on bind or lifespan start-up failure

@@ -128,6 +128,11 @@ class Store(Protocol):
     ) -> dict[tuple[str, str, str], models.Message]:
         """Already stored messages by ``(conv_id, sender_id, client_msg_id)``."""
 
+    async def load_batch(
+        self, tenant_id: str, conv_ids: Sequence[str], keys: Sequence[tuple[str, str, str]]
+    ) -> tuple[dict[str, list[models.Member]], dict[tuple[str, str, str], models.Message]]:
+        """``members_many`` and ``find_by_client_ids`` in one round trip."""
+
     async def insert_messages(
         self, tenant_id: str, batches: Mapping[str, Sequence[models.NewMessage]]
     ) -> None:

@@ -432,28 +432,44 @@ class SqlStore:
             )
         return int(value or 0)
 
+    async def load_batch(
+        self, tenant_id: str, conv_ids: Sequence[str], keys: Sequence[tuple[str, str, str]]
+    ) -> tuple[dict[str, list[models.Member]], dict[tuple[str, str, str], models.Message]]:
+        """Members of the conversations and already stored messages, in one
+        round trip to the pool: what the message service needs per batch."""
+        async with self._connect(tenant_id) as conn:
+            members = await self._members(conn, tenant_id, conv_ids)
+            stored = await self._find(conn, tenant_id, keys)
+        return members, stored
+
     async def find_by_client_ids(
         self, tenant_id: str, keys: Sequence[tuple[str, str, str]]
+    ) -> dict[tuple[str, str, str], models.Message]:
+        async with self._connect(tenant_id) as conn:
+            return await self._find(conn, tenant_id, keys)
+
+    @staticmethod
+    async def _find(
+        conn: AsyncConnection, tenant_id: str, keys: Sequence[tuple[str, str, str]]
     ) -> dict[tuple[str, str, str], models.Message]:
         if not keys:
             return {}
         msg = t.messages.c
         wanted = set(keys)
-        async with self._connect(tenant_id) as conn:
-            # The unique index (tenant, conv, sender, client_msg_id) serves this;
-            # the broad IN lists are narrowed to exact keys below.
-            rows = await conn.execute(
-                sa.select(t.messages).where(
-                    msg.tenant_id == tenant_id,
-                    msg.conv_id.in_(sorted({k[0] for k in keys})),
-                    msg.client_msg_id.in_(sorted({k[2] for k in keys})),
-                )
+        # The unique index (tenant, conv, sender, client_msg_id) serves this;
+        # the broad IN lists are narrowed to exact keys below.
+        rows = await conn.execute(
+            sa.select(t.messages).where(
+                msg.tenant_id == tenant_id,
+                msg.conv_id.in_(sorted({k[0] for k in keys})),
+                msg.client_msg_id.in_(sorted({k[2] for k in keys})),
             )
-            return {
-                (r.conv_id, r.sender_id, r.client_msg_id): _message(r)
-                for r in rows
-                if (r.conv_id, r.sender_id, r.client_msg_id) in wanted
-            }
+        )
+        return {
+            (r.conv_id, r.sender_id, r.client_msg_id): _message(r)
+            for r in rows
+            if (r.conv_id, r.sender_id, r.client_msg_id) in wanted
+        }
 
     async def insert_messages(
         self, tenant_id: str, batches: Mapping[str, Sequence[models.NewMessage]]

@@ -32,7 +32,9 @@ class _Closed(Exception):
 async def _receive(ws: WebSocket, timeout: float) -> str | bytes | None:
     """The next data frame, ``None`` on timeout; raise ``_Closed`` on disconnect."""
     try:
-        message = await asyncio.wait_for(ws.receive(), timeout)
+        # asyncio.timeout arms one timer; wait_for would also wrap a task per frame.
+        async with asyncio.timeout(timeout):
+            message = await ws.receive()
     except TimeoutError:
         return None
     except (WebSocketDisconnect, RuntimeError):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import uuid
+import random
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -38,6 +38,12 @@ SYSTEM_SENDER = "system"
 _CONFLICT_RETRIES = 3
 
 Key = tuple[str, str, str]  # (conv_id, sender_id, client_msg_id)
+
+
+def _new_msg_id() -> str:
+    """A random 128-bit id. Ids are not secrets, so the process PRNG serves, and
+    saves the system call uuid4 makes per message on the hot path."""
+    return f"{random.getrandbits(128):032x}"
 
 
 def _key(cmd: dict[str, Any]) -> Key:
@@ -117,10 +123,9 @@ class MessageService:
         tenant = self._registry.get(tenant_id)
         assert tenant is not None
         conv_ids = sorted({c["conv_id"] for c in cmds})
-        members = {
-            conv_id: {m.user_id for m in rows}
-            for conv_id, rows in (await self._store.members_many(tenant_id, conv_ids)).items()
-        }
+        keys = [_key(c) for c in cmds if c["op"] == "send"]
+        by_conv, known = await self._store.load_batch(tenant_id, conv_ids, keys)
+        members = {conv_id: {m.user_id for m in rows} for conv_id, rows in by_conv.items()}
         events: list[dict[str, Any]] = []
         sends: list[dict[str, Any]] = []
         for cmd in cmds:
@@ -133,7 +138,7 @@ class MessageService:
                 continue
             sends.append(cmd)
         if sends:
-            events += await self._sends(tenant_id, members, sends)
+            events += await self._sends(tenant_id, members, sends, known)
         for cmd in cmds:
             if cmd["op"] == "read":
                 with observability.log_context(conv_id=cmd["conv_id"]):
@@ -163,10 +168,14 @@ class MessageService:
             raise errors.InvalidPayload("media key does not belong to this conversation")
 
     async def _sends(
-        self, tenant_id: str, members: dict[str, set[str]], cmds: list[dict[str, Any]]
+        self,
+        tenant_id: str,
+        members: dict[str, set[str]],
+        cmds: list[dict[str, Any]],
+        known: dict[Key, models.Message],
     ) -> list[dict[str, Any]]:
         try:
-            stored, fresh = await self._store_new(tenant_id, cmds)
+            stored, fresh = await self._store_new(tenant_id, cmds, known)
         except errors.Conflict:
             # A counter was behind its table (a cache flush raced a write, or
             # another consumer held a partition). Redo conversation by
@@ -217,10 +226,17 @@ class MessageService:
         raise errors.TemporaryError("seq conflict persisted")
 
     async def _store_new(
-        self, tenant_id: str, cmds: list[dict[str, Any]]
+        self,
+        tenant_id: str,
+        cmds: list[dict[str, Any]],
+        known: dict[Key, models.Message] | None = None,
     ) -> tuple[dict[Key, models.Message], list[dict[str, Any]]]:
-        """Store what is new; return every command's message and the new commands."""
-        stored = await self._store.find_by_client_ids(tenant_id, [_key(c) for c in cmds])
+        """Store what is new; return every command's message and the new commands.
+        ``known`` is what the batch already looked up; without it, look again."""
+        if known is None:
+            stored = await self._store.find_by_client_ids(tenant_id, [_key(c) for c in cmds])
+        else:
+            stored = {k: known[k] for k in map(_key, cmds) if k in known}
         fresh_by_conv: dict[str, list[dict[str, Any]]] = {}
         seen = set(stored)
         for cmd in cmds:
@@ -244,7 +260,7 @@ class MessageService:
             blocks.append((conv_id, first, len(fresh)))
             rows[conv_id] = [
                 models.NewMessage(
-                    msg_id=uuid.uuid4().hex,
+                    msg_id=_new_msg_id(),
                     seq=first + i,
                     sender_id=cmd["sender_id"],
                     type=cmd["type"],
