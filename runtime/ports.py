@@ -192,6 +192,15 @@ class Cache(Protocol):
         counter is missing it is rebuilt from ``stored_max()`` first, so it never
         hands out a value at or below a stored seq."""
 
+    async def allocate_seqs(
+        self,
+        tenant_id: str,
+        counts: Mapping[str, int],
+        stored_max: Callable[[str], Awaitable[int]],
+    ) -> dict[str, int]:
+        """:meth:`allocate_seq` for several conversations at once (one round trip
+        where the backend allows); ``stored_max(conv_id)`` as there."""
+
     async def reset_seq(self, tenant_id: str, conv_id: str, floor: int) -> None:
         """Raise the counter to at least ``floor`` (after a conflict)."""
 

@@ -10,9 +10,10 @@ acknowledged message is already in the database) and counters rebuild.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from imhub.runtime import ports
@@ -206,6 +207,19 @@ class MemoryCache:
         first = self._seq[key] + 1
         self._seq[key] += count
         return first
+
+    async def allocate_seqs(
+        self,
+        tenant_id: str,
+        counts: Mapping[str, int],
+        stored_max: Callable[[str], Awaitable[int]],
+    ) -> dict[str, int]:
+        return {
+            conv_id: await self.allocate_seq(
+                tenant_id, conv_id, count, functools.partial(stored_max, conv_id)
+            )
+            for conv_id, count in counts.items()
+        }
 
     async def reset_seq(self, tenant_id: str, conv_id: str, floor: int) -> None:
         key = (tenant_id, conv_id)

@@ -17,7 +17,7 @@ Connection errors surface as :class:`~imhub.runtime.errors.Unavailable`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, ParamSpec, TypeVar
 
 import orjson
@@ -43,6 +43,23 @@ end
 local last = redis.call('INCRBY', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return last
+"""
+
+# KEYS[i] counters; ARGV[i] counts, ARGV[#KEYS + 1] ttl ms. The same as
+# _ALLOCATE_SEQ for many conversations in one round trip: a list of last
+# allocated seqs, -1 where a counter is missing (nothing is taken for it).
+_ALLOCATE_MANY = """
+local ttl = ARGV[#KEYS + 1]
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 0 then
+    out[i] = -1
+  else
+    out[i] = redis.call('INCRBY', key, ARGV[i])
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
+return out
 """
 
 # KEYS[1] counter; ARGV[1] stored max, ARGV[2] count, ARGV[3] ttl ms.
@@ -138,6 +155,7 @@ class RedisCache:
         )
         self._allocate = self._client.register_script(_ALLOCATE_SEQ)
         self._seed = self._client.register_script(_SEED_SEQ)
+        self._allocate_many = self._client.register_script(_ALLOCATE_MANY)
         self._raise = self._client.register_script(_RAISE_SEQ)
         self._release = self._client.register_script(_RELEASE_SEQ)
         self._set_online = self._client.register_script(_SET_ONLINE)
@@ -179,6 +197,29 @@ class RedisCache:
             floor = await stored_max()
             last = int(await self._seed(keys=[key], args=[floor, count, _SEQ_TTL_MS]))
         return last - count + 1
+
+    @_mapped
+    async def allocate_seqs(
+        self,
+        tenant_id: str,
+        counts: Mapping[str, int],
+        stored_max: Callable[[str], Awaitable[int]],
+    ) -> dict[str, int]:
+        if any(count < 1 for count in counts.values()):
+            raise ValueError("counts must be >= 1")
+        conv_ids = list(counts)
+        keys = [self._key(tenant_id, "seq", c) for c in conv_ids]
+        lasts = await self._allocate_many(
+            keys=keys, args=[counts[c] for c in conv_ids] + [_SEQ_TTL_MS]
+        )
+        firsts: dict[str, int] = {}
+        for conv_id, key, last in zip(conv_ids, keys, lasts, strict=True):
+            count = counts[conv_id]
+            if int(last) < 0:  # rebuilt from the table first, as in allocate_seq
+                floor = await stored_max(conv_id)
+                last = await self._seed(keys=[key], args=[floor, count, _SEQ_TTL_MS])
+            firsts[conv_id] = int(last) - count + 1
+        return firsts
 
     @_mapped
     async def reset_seq(self, tenant_id: str, conv_id: str, floor: int) -> None:

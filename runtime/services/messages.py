@@ -250,13 +250,13 @@ class MessageService:
         now = datetime.now(UTC)
         rows: dict[str, list[models.NewMessage]] = {}
         blocks: list[tuple[str, int, int]] = []
+        firsts = await self._cache.allocate_seqs(
+            tenant_id,
+            {conv_id: len(fresh) for conv_id, fresh in fresh_by_conv.items()},
+            functools.partial(self._store.max_seq, tenant_id),
+        )
         for conv_id, fresh in fresh_by_conv.items():
-            first = await self._cache.allocate_seq(
-                tenant_id,
-                conv_id,
-                len(fresh),
-                functools.partial(self._store.max_seq, tenant_id, conv_id),
-            )
+            first = firsts[conv_id]
             blocks.append((conv_id, first, len(fresh)))
             rows[conv_id] = [
                 models.NewMessage(

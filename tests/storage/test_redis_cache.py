@@ -226,3 +226,25 @@ async def test_presence_expires_per_instance(
     await asyncio.sleep(0.5)
     assert await cache.online_instances(tenant, "bob") == []
     assert await cache.client.exists(f"imhub:{tenant}:online:bob") == 0  # nothing left behind
+
+
+async def test_allocate_many_after_a_flush_starts_above_each_stored_max(
+    cache: redis_adapter.RedisCache,
+    pg_store: store.SqlStore,
+    migrated: Callable[..., Any],
+    tenant_ids: Callable[[], str],
+) -> None:
+    tenant = tenant_ids()
+    await migrated(tenant)
+    warm, cold = await _conversation(pg_store, tenant), await _conversation(pg_store, tenant)
+    await _stored(pg_store, tenant, warm, range(1, 4))
+    await _stored(pg_store, tenant, cold, range(1, 6))
+
+    def stored_max(conv_id: str) -> Any:
+        return pg_store.max_seq(tenant, conv_id)
+
+    assert await cache.allocate_seqs(tenant, {warm: 2}, stored_max) == {warm: 4}
+    await cache.client.delete(f"imhub:{tenant}:seq:{cold}")  # only one counter lost
+    firsts = await cache.allocate_seqs(tenant, {warm: 1, cold: 3}, stored_max)
+    assert firsts == {warm: 6, cold: 6}
+    assert await cache.client.get(f"imhub:{tenant}:seq:{cold}") == b"8"
