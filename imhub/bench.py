@@ -50,6 +50,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=10, help="seconds of sending (10)")
     p.add_argument("--idle", type=int, default=0, help="idle connections for memory (0)")
     p.add_argument("--data-dir", type=Path, help="data dir of the started server (temp)")
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        metavar="N",
+        help="instead of WebSocket clients: put N send commands straight on Kafka "
+        "(--kafka-bootstrap) and time until the message service has stored them all",
+    )
+    p.add_argument("--kafka-bootstrap", help="Kafka bootstrap servers (with --pipeline)")
 
 
 def _raise_fd_limit() -> None:
@@ -341,8 +349,98 @@ async def _run(
     return 0 if acked else 1
 
 
+async def _pipeline(args: argparse.Namespace, url: str, tenant: dict[str, Any]) -> int:
+    """Persisted msgs/s through Kafka and the database, without WebSocket clients.
+
+    Produces ``--pipeline`` send commands to the tenant's ``im-messages`` topic as
+    a gateway would, and counts the ``message_created`` events the message
+    service emits after each batch is committed to the database.
+    """
+    from imhub.runtime import envelopes, tenancy
+    from imhub.runtime.adapters import kafka
+
+    mint = _minter(tenant)
+    names = tenancy.names_for(tenant["tenant_id"])
+    run_id = secrets.token_hex(3)
+    convs = []
+    async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+        for i in range(args.convs):
+            resp = await http.post(
+                "/v1/im/conversations",
+                json={"type": "group", "member_ids": [f"p-{run_id}-{i}-b"], "name": "pipe"},
+                headers={"Authorization": f"Bearer {mint(f'p-{run_id}-{i}-a')}"},
+            )
+            resp.raise_for_status()
+            convs.append((resp.json()["conv_id"], f"p-{run_id}-{i}-a"))
+
+    bus = kafka.KafkaBus(args.kafka_bootstrap, client_id=f"imhub-bench-{run_id}")
+    await bus.start()
+    events = bus.consumer([names.topic_events], f"imhub-bench-{run_id}", from_latest=True)
+    await events.poll(1, 1.0)  # fixes the starting positions before producing
+    total = args.pipeline
+    seen = 0
+    done = asyncio.Event()
+
+    async def count() -> None:
+        nonlocal seen
+        while seen < total:
+            for rec in await events.poll(5000, 0.5):
+                ev = envelopes.decode(rec.value)
+                if ev.get("op") == "message_created" and str(
+                    ev["message"]["client_msg_id"]
+                ).startswith(run_id):
+                    seen += 1
+        done.set()
+
+    counter = asyncio.create_task(count())
+    start = time.perf_counter()
+    for i in range(0, total, 2000):
+        await asyncio.gather(
+            *(
+                bus.produce(
+                    names.topic_messages,
+                    convs[n % len(convs)][0],
+                    envelopes.encode(
+                        {
+                            "op": "send",
+                            "tenant_id": tenant["tenant_id"],
+                            "conv_id": convs[n % len(convs)][0],
+                            "sender_id": convs[n % len(convs)][1],
+                            "client_msg_id": f"{run_id}-{n}",
+                            "type": "text",
+                            "content": {"text": "pipeline benchmark message"},
+                            "sent_at": time.time(),
+                        }
+                    ),
+                )
+                for n in range(i, min(total, i + 2000))
+            )
+        )
+    produced = time.perf_counter() - start
+    try:
+        await asyncio.wait_for(done.wait(), 120)
+    except TimeoutError:
+        counter.cancel()
+    elapsed = time.perf_counter() - start
+    await events.close()
+    await bus.close()
+    print(f"produced        {total} commands in {produced:.1f}s")
+    print(f"stored          {seen} messages in {elapsed:.1f}s across {len(convs)} conversations")
+    print(f"SUMMARY pipeline_msgs/s={seen / elapsed:.0f} stored={seen} of={total}", flush=True)
+    return 0 if seen == total else 1
+
+
 def main(args: argparse.Namespace) -> int:
     _raise_fd_limit()
+    if args.pipeline:
+        if not (args.url and args.tenants and args.kafka_bootstrap):
+            raise SystemExit("bench: --pipeline needs --url, --tenants and --kafka-bootstrap")
+        doc = yaml.safe_load(args.tenants.read_text())
+        tenants = doc["tenants"] if isinstance(doc, dict) else doc
+        tenant = next((t for t in tenants if args.tenant in (None, t["tenant_id"])), None)
+        if tenant is None:
+            raise SystemExit(f"bench: tenant {args.tenant!r} not in {args.tenants}")
+        return asyncio.run(_pipeline(args, args.url.split(",")[0], tenant))
     if args.url:
         if not args.tenants:
             raise SystemExit("bench: --url needs --tenants FILE to mint tokens")

@@ -116,7 +116,7 @@ class KafkaBus:
         replication: int = 1,
         static_membership: bool = True,
         message_timeout_ms: int = 8000,
-        linger_ms: int = 5,
+        linger_ms: int = 2,
         session_timeout_ms: int = 6000,
         config: Mapping[str, Any] | None = None,
     ) -> None:
