@@ -28,6 +28,7 @@ Every blocking librdkafka call runs on a worker thread (``asyncio.to_thread``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import threading
@@ -151,6 +152,14 @@ class KafkaBus:
             "error_cb": self._on_producer_error,
         }
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Delivery reports arrive on the poll thread; they are queued here and
+        # settled on the loop in bulk, one wake-up per burst instead of one per
+        # record.
+        self._reports: collections.deque[
+            tuple[asyncio.Future[None], confluent_kafka.KafkaError | None]
+        ] = collections.deque()
+        self._reports_lock = threading.Lock()
+        self._reports_scheduled = False
         self._producer: confluent_kafka.Producer | None = None
         self._admin: kafka_admin.AdminClient | None = None
         self._poller: threading.Thread | None = None
@@ -303,8 +312,13 @@ class KafkaBus:
         done: asyncio.Future[None] = loop.create_future()
 
         def on_delivery(err: confluent_kafka.KafkaError | None, _msg: Any) -> None:
+            self._reports.append((done, err))
+            with self._reports_lock:
+                if self._reports_scheduled:
+                    return
+                self._reports_scheduled = True
             with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(_settle, done, err)
+                loop.call_soon_threadsafe(self._settle_reports)
 
         deadline = time.monotonic() + 5.0
         while True:
@@ -319,9 +333,17 @@ class KafkaBus:
             except confluent_kafka.KafkaException as exc:
                 raise _unavailable("kafka refused the record", exc.args[0]) from exc
         try:
-            await asyncio.wait_for(done, self._delivery_timeout)
+            async with asyncio.timeout(self._delivery_timeout):
+                await done
         except TimeoutError:
             raise errors.Unavailable("kafka did not report the delivery in time") from None
+
+    def _settle_reports(self) -> None:
+        with self._reports_lock:
+            self._reports_scheduled = False
+        while self._reports:
+            done, err = self._reports.popleft()
+            _settle(done, err)
 
     # -- consume ------------------------------------------------------------------
 
