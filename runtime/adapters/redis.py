@@ -17,6 +17,7 @@ Connection errors surface as :class:`~imhub.runtime.errors.Unavailable`.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any, ParamSpec, TypeVar
 
@@ -29,6 +30,8 @@ from redis.backoff import ExponentialBackoff
 from imhub.runtime import errors, tenancy
 
 __all__ = ["RedisCache"]
+
+logger = logging.getLogger(__name__)
 
 # Counters idle this long expire; they are rebuilt from the database on next use.
 _SEQ_TTL_MS = 30 * 86400 * 1000
@@ -192,7 +195,13 @@ class RedisCache:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
         key = self._key(tenant_id, "seq", conv_id)
-        last = int(await self._allocate(keys=[key], args=[count, _SEQ_TTL_MS]))
+        try:
+            last = int(await self._allocate(keys=[key], args=[count, _SEQ_TTL_MS]))
+        except redis_errors.ResponseError:
+            # Not a counter any more: drop it; it is rebuilt from the table below.
+            logger.warning("seq counter %s was corrupt; rebuilt from the database", key)
+            await self._client.delete(key)
+            last = -1
         if last < 0:
             floor = await stored_max()
             last = int(await self._seed(keys=[key], args=[floor, count, _SEQ_TTL_MS]))
@@ -209,9 +218,19 @@ class RedisCache:
             raise ValueError("counts must be >= 1")
         conv_ids = list(counts)
         keys = [self._key(tenant_id, "seq", c) for c in conv_ids]
-        lasts = await self._allocate_many(
-            keys=keys, args=[counts[c] for c in conv_ids] + [_SEQ_TTL_MS]
-        )
+        try:
+            lasts = await self._allocate_many(
+                keys=keys, args=[counts[c] for c in conv_ids] + [_SEQ_TTL_MS]
+            )
+        except redis_errors.ResponseError:
+            # A counter that is not a number (written by hand, or by anything
+            # else sharing the Redis): take them one by one, which repairs it.
+            return {
+                c: await self.allocate_seq(
+                    tenant_id, c, counts[c], functools.partial(stored_max, c)
+                )
+                for c in conv_ids
+            }
         firsts: dict[str, int] = {}
         for conv_id, key, last in zip(conv_ids, keys, lasts, strict=True):
             count = counts[conv_id]

@@ -248,3 +248,25 @@ async def test_allocate_many_after_a_flush_starts_above_each_stored_max(
     firsts = await cache.allocate_seqs(tenant, {warm: 1, cold: 3}, stored_max)
     assert firsts == {warm: 6, cold: 6}
     assert await cache.client.get(f"imhub:{tenant}:seq:{cold}") == b"8"
+
+
+async def test_a_corrupt_counter_is_rebuilt_not_fatal(
+    cache: redis_adapter.RedisCache,
+    pg_store: store.SqlStore,
+    migrated: Callable[..., Any],
+    tenant_ids: Callable[[], str],
+) -> None:
+    tenant = tenant_ids()
+    await migrated(tenant)
+    conv_id = await _conversation(pg_store, tenant)
+    await _stored(pg_store, tenant, conv_id, range(1, 10))
+
+    def stored_max(conv: str) -> Any:
+        return pg_store.max_seq(tenant, conv)
+
+    key = f"imhub:{tenant}:seq:{conv_id}"
+    await cache.client.set(key, "garbage")
+    assert await cache.allocate_seqs(tenant, {conv_id: 1}, stored_max) == {conv_id: 10}
+    await cache.client.delete(key)
+    await cache.client.hset(key, "x", "1")  # the wrong type altogether
+    assert await cache.allocate_seqs(tenant, {conv_id: 2}, stored_max) == {conv_id: 10}
