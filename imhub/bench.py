@@ -430,26 +430,29 @@ async def _pipeline(args: argparse.Namespace, url: str, tenant: dict[str, Any]) 
     return 0 if seen == total else 1
 
 
+def _tenant(args: argparse.Namespace) -> dict[str, Any]:
+    """The tenant to mint tokens for, from ``--tenants`` (and ``--tenant``)."""
+    doc = yaml.safe_load(args.tenants.read_text())
+    tenants = doc["tenants"] if isinstance(doc, dict) else doc
+    tenant = next((t for t in tenants if args.tenant in (None, t["tenant_id"])), None)
+    if tenant is None:
+        raise SystemExit(f"bench: tenant {args.tenant!r} not in {args.tenants}")
+    if not any(k.get("alg", "HS256") == "HS256" for k in tenant["keys"]):
+        raise SystemExit(f"bench: tenant {tenant['tenant_id']!r} has no HS256 key to sign with")
+    tenant = {**tenant, "keys": [k for k in tenant["keys"] if k.get("alg", "HS256") == "HS256"]}
+    return dict(tenant)
+
+
 def main(args: argparse.Namespace) -> int:
     _raise_fd_limit()
     if args.pipeline:
         if not (args.url and args.tenants and args.kafka_bootstrap):
             raise SystemExit("bench: --pipeline needs --url, --tenants and --kafka-bootstrap")
-        doc = yaml.safe_load(args.tenants.read_text())
-        tenants = doc["tenants"] if isinstance(doc, dict) else doc
-        tenant = next((t for t in tenants if args.tenant in (None, t["tenant_id"])), None)
-        if tenant is None:
-            raise SystemExit(f"bench: tenant {args.tenant!r} not in {args.tenants}")
-        return asyncio.run(_pipeline(args, args.url.split(",")[0], tenant))
+        return asyncio.run(_pipeline(args, args.url.split(",")[0], _tenant(args)))
     if args.url:
         if not args.tenants:
             raise SystemExit("bench: --url needs --tenants FILE to mint tokens")
-        doc = yaml.safe_load(args.tenants.read_text())
-        tenants = doc["tenants"] if isinstance(doc, dict) else doc
-        tenant = next((t for t in tenants if args.tenant in (None, t["tenant_id"])), None)
-        if tenant is None:
-            raise SystemExit(f"bench: tenant {args.tenant!r} not in {args.tenants}")
-        return asyncio.run(_run(args, args.url.split(","), tenant, args.server_pid))
+        return asyncio.run(_run(args, args.url.split(","), _tenant(args), args.server_pid))
 
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="imhub-bench-"))
     server = _Server(data_dir)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
-from imhub.runtime import tenancy
+from imhub.runtime import tenancy, tenants
 
 __all__ = [
     "GROUP",
@@ -30,15 +30,7 @@ VERSION = "v1alpha1"
 PLURAL = "imtenants"
 KIND = "ImTenant"
 
-_DEFAULT_CONTENT_TYPES = (
-    "image/*",
-    "audio/*",
-    "video/*",
-    "application/pdf",
-    "text/plain",
-    "application/zip",
-    "application/octet-stream",
-)
+_DEFAULT_CONTENT_TYPES = tenants.DEFAULT_CONTENT_TYPES  # one list for runtime and operator
 
 
 class _Model(BaseModel):

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from imhub.runtime import tenancy
 
 __all__ = [
+    "DEFAULT_CONTENT_TYPES",
     "SigningKey",
     "Tenant",
     "TenantLimits",
@@ -70,20 +71,23 @@ def _check_public_key(kid: str, alg: str, pem: str) -> None:
         raise ValueError(f"key {kid!r}: ES256 needs a P-256 public key")
 
 
+DEFAULT_CONTENT_TYPES = (
+    "image/*",
+    "audio/*",
+    "video/*",
+    "application/pdf",
+    "text/plain",
+    "application/zip",
+    "application/octet-stream",
+)
+
+
 class TenantLimits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_content_bytes: int = Field(default=16 * 1024, ge=256, le=1024 * 1024)
     max_upload_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
-    allowed_content_types: tuple[str, ...] = (
-        "image/*",
-        "audio/*",
-        "video/*",
-        "application/pdf",
-        "text/plain",
-        "application/zip",
-        "application/octet-stream",
-    )
+    allowed_content_types: tuple[str, ...] = DEFAULT_CONTENT_TYPES
     rate_per_second: float = Field(default=20.0, gt=0)
     rate_burst: int = Field(default=40, ge=1)
     max_group_members: int = Field(default=500, ge=2, le=100_000)
