@@ -3,11 +3,14 @@
 Runs with the operator's admin DSN (a role with CREATEROLE that may create
 schemas in the database). Order, for each reconcile:
 
-1. claim the tenant id (schema comment names the owning ``ImTenant`` uid, so
-   two objects with the same ``tenantId`` cannot share a schema);
+1. claim the tenant id: the comment on the schema names the owning
+   ``ImTenant`` (uid, namespace/name). The claim is the ownership lock for the
+   whole tenant (every backend), checked and taken atomically under an
+   advisory lock keyed by the schema, so two objects with the same
+   ``tenantId`` can never both hold it;
 2. create or update the role (LOGIN, password from the tenant Secret);
-3. create the schema, owned by the admin, closed to ``PUBLIC``, usable by the
-   tenant role;
+3. set up the schema, owned by the admin, closed to ``PUBLIC``, usable (not
+   writable: no ``CREATE``) by the tenant role;
 4. apply the runtime migrations into the schema;
 5. grant the tenant role DML on the tables and read-only on ``alembic_version``.
 
@@ -20,7 +23,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg  # type: ignore[import-untyped]
@@ -29,15 +32,43 @@ from alembic.script import ScriptDirectory
 from imhub import migrations
 from imhub.runtime import tenancy
 
-__all__ = ["DatabaseConflict", "DatabaseProvisioner", "DatabaseUnavailable"]
+__all__ = ["AliveFn", "DatabaseConflict", "DatabaseProvisioner", "DatabaseUnavailable"]
 
 logger = logging.getLogger(__name__)
 
 # pg_advisory_xact_lock key serialising changes to shared ACLs (any constant
 # works; this one is "imhub" in ASCII).
 _SHARED_ACL_LOCK = 0x696D687562
+# First key of the two-key advisory lock serialising claims of one schema (the
+# second is hashtext(schema)); two-key locks never collide with one-key ones.
+_CLAIM_LOCK = 0x696D68
 _CLAIM_PREFIX = "imhub-tenant:"
-_RETAINED = "imhub-tenant:retained"
+_RETAINED = "retained"
+
+# (namespace, name, uid) -> does that ImTenant still exist?
+AliveFn = Callable[[str, str, str], Awaitable[bool]]
+
+
+async def _assume_alive(namespace: str, name: str, uid: str) -> bool:
+    return True
+
+
+def claim_comment(owner_uid: str, owner_ref: str) -> str:
+    """``imhub-tenant:<uid> <namespace>/<name>`` (the ref may be empty)."""
+    return f"{_CLAIM_PREFIX}{owner_uid} {owner_ref}".rstrip()
+
+
+def retained_comment(owner_ref: str) -> str:
+    """``imhub-tenant:retained <namespace>/<name>``: only that object may adopt it."""
+    return f"{_CLAIM_PREFIX}{_RETAINED} {owner_ref}".rstrip()
+
+
+def parse_claim(comment: str | None) -> tuple[str, str] | None:
+    """``(uid or "retained", "namespace/name" or "")``; ``None`` if not a claim."""
+    if not comment or not comment.startswith(_CLAIM_PREFIX):
+        return None
+    head, _, ref = comment[len(_CLAIM_PREFIX) :].strip().partition(" ")
+    return head, ref.strip()
 
 
 class DatabaseUnavailable(Exception):
@@ -102,13 +133,25 @@ class DatabaseProvisioner:
         return self._head_revision
 
     async def ensure(
-        self, names: tenancy.TenantNames, *, password: str, owner_uid: str
+        self,
+        names: tenancy.TenantNames,
+        *,
+        password: str,
+        owner_uid: str,
+        owner_ref: str = "",
+        alive: AliveFn = _assume_alive,
     ) -> DatabaseResult:
+        """Claim the tenant id for ``owner_uid`` (``owner_ref`` = namespace/name), then provision.
+
+        ``alive`` tells whether the ImTenant holding a foreign claim still
+        exists; a claim whose holder is gone counts as retained for the
+        holder's namespace/name.
+        """
         schema, role = names.db_schema, names.db_role
         head = self._head()
         try:
             async with self._connect() as conn:
-                await self._claim(conn, schema, owner_uid)
+                await self._claim(conn, schema, owner_uid, owner_ref, alive)
                 await self._ensure_role(conn, role, password)
                 await self._ensure_schema(conn, schema, role)
                 current = await self._revision(conn, schema)
@@ -119,9 +162,6 @@ class DatabaseProvisioner:
                     await migrations.upgrade_async(self._sa_url, schema=schema)
             async with self._connect() as conn:
                 await self._grant_tables(conn, schema, role)
-                await self._exec(
-                    conn, "COMMENT ON SCHEMA %I IS %L", schema, _CLAIM_PREFIX + owner_uid
-                )
         except (TimeoutError, OSError, asyncpg.PostgresConnectionError) as exc:
             raise DatabaseUnavailable(f"PostgreSQL connection lost: {exc}") from exc
         except (DatabaseUnavailable, DatabaseConflict):
@@ -147,19 +187,82 @@ class DatabaseProvisioner:
         value = await conn.fetchval(sql)
         return str(value) if value is not None else None
 
-    async def _claim(self, conn: asyncpg.Connection, schema: str, owner_uid: str) -> None:
+    async def _claim(
+        self,
+        conn: asyncpg.Connection,
+        schema: str,
+        owner_uid: str,
+        owner_ref: str,
+        alive: AliveFn,
+    ) -> None:
+        """Check and take the claim in one transaction, under the schema's claim lock."""
+        async with conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))", _CLAIM_LOCK, schema
+            )
+            row = await conn.fetchrow(
+                "SELECT obj_description(n.oid, 'pg_namespace') AS c "
+                "FROM pg_namespace n WHERE nspname = $1",
+                schema,
+            )
+            mine = claim_comment(owner_uid, owner_ref)
+            if row is None:
+                await self._exec(conn, "CREATE SCHEMA %I", schema)
+            else:
+                comment = row["c"]
+                if comment == mine:
+                    return
+                await self._may_take(schema, comment, owner_uid, owner_ref, alive)
+            await self._exec(conn, "COMMENT ON SCHEMA %I IS %L", schema, mine)
+
+    async def _may_take(
+        self, schema: str, comment: str | None, owner_uid: str, owner_ref: str, alive: AliveFn
+    ) -> None:
+        claim = parse_claim(comment)
+        if claim is None:
+            return  # never claimed (made before claims existed, or by hand)
+        holder, ref = claim
+        if holder == owner_uid:
+            return  # ours, in the old format: rewritten
+        release = (
+            f"to hand it to another ImTenant, an admin sets "
+            f"COMMENT ON SCHEMA {schema} IS 'imhub-tenant:retained <namespace>/<name>'"
+        )
+        if holder != _RETAINED:
+            if not ref:
+                raise DatabaseConflict(
+                    f"schema {schema} belongs to another ImTenant (uid {holder}); "
+                    f"tenantId must be unique across the cluster ({release} once it is gone)"
+                )
+            namespace, _, name = ref.partition("/")
+            if await alive(namespace, name, holder):
+                raise DatabaseConflict(
+                    f"schema {schema} belongs to another ImTenant ({ref}, uid {holder}); "
+                    "tenantId must be unique across the cluster"
+                )
+            # The holder is gone without releasing it: retained for its namespace/name.
+        if not ref:
+            raise DatabaseConflict(
+                f"schema {schema} holds retained data of an unrecorded ImTenant; {release}"
+            )
+        if ref != owner_ref:
+            raise DatabaseConflict(
+                f"schema {schema} holds data retained by ImTenant {ref}; only an ImTenant "
+                f"with that namespace/name may adopt it; {release}"
+            )
+
+    async def owns(self, names: tenancy.TenantNames, owner_uid: str) -> bool:
+        """Does ``owner_uid`` hold the claim on the tenant id?"""
+        async with self._connect() as conn:
+            return await self._held_by(conn, names.db_schema, owner_uid)
+
+    async def _held_by(self, conn: asyncpg.Connection, schema: str, owner_uid: str) -> bool:
         comment = await conn.fetchval(
             "SELECT obj_description(n.oid, 'pg_namespace') FROM pg_namespace n WHERE nspname = $1",
             schema,
         )
-        if not comment or comment == _RETAINED or not comment.startswith(_CLAIM_PREFIX):
-            return
-        holder = comment[len(_CLAIM_PREFIX) :]
-        if holder != owner_uid:
-            raise DatabaseConflict(
-                f"schema {schema} belongs to another ImTenant (uid {holder}); "
-                "tenantId must be unique across the cluster"
-            )
+        claim = parse_claim(comment)
+        return claim is not None and claim[0] == owner_uid
 
     async def _ensure_role(self, conn: asyncpg.Connection, role: str, password: str) -> None:
         exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role)
@@ -183,7 +286,10 @@ class DatabaseProvisioner:
             await conn.execute("SELECT pg_advisory_xact_lock($1)", _SHARED_ACL_LOCK)
             await self._exec(conn, "CREATE SCHEMA IF NOT EXISTS %I", schema)
             await self._exec(conn, "REVOKE ALL ON SCHEMA %I FROM PUBLIC", schema)
-            await self._exec(conn, "GRANT USAGE, CREATE ON SCHEMA %I TO %I", schema, role)
+            # USAGE only: objects the tenant could create would run as the admin
+            # in later migrations (CVE-2018-1058); the operator migrates, not it.
+            await self._exec(conn, "REVOKE CREATE ON SCHEMA %I FROM %I", schema, role)
+            await self._exec(conn, "GRANT USAGE ON SCHEMA %I TO %I", schema, role)
             # The tenant role sees its own schema and nothing else of ours:
             # nothing in public, and its search_path is its schema.
             await self._exec(conn, "REVOKE ALL ON SCHEMA public FROM %I", role)
@@ -224,20 +330,37 @@ class DatabaseProvisioner:
                     role,
                 )
 
-    async def retain(self, names: tenancy.TenantNames) -> None:
-        """Keep the data, lock the door: the role can no longer log in."""
-        async with self._connect() as conn:
+    async def retain(self, names: tenancy.TenantNames, owner_uid: str, owner_ref: str) -> bool:
+        """Keep the data, lock the door: the role can no longer log in.
+
+        Only the claim holder does this (``False`` otherwise, nothing touched);
+        the schema is then marked retained for ``owner_ref`` (namespace/name),
+        the only ImTenant that may adopt it again.
+        """
+        schema = names.db_schema
+        async with self._connect() as conn, conn.transaction():
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))", _CLAIM_LOCK, schema
+            )
+            if not await self._held_by(conn, schema, owner_uid):
+                return False
             if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", names.db_role):
                 await self._exec(conn, "ALTER ROLE %I NOLOGIN", names.db_role)
                 await _terminate(conn, names.db_role)
-            if await conn.fetchval(
-                "SELECT 1 FROM pg_namespace WHERE nspname = $1", names.db_schema
-            ):
-                await self._exec(conn, "COMMENT ON SCHEMA %I IS %L", names.db_schema, _RETAINED)
+            await self._exec(
+                conn, "COMMENT ON SCHEMA %I IS %L", schema, retained_comment(owner_ref)
+            )
+        return True
 
-    async def drop(self, names: tenancy.TenantNames) -> None:
-        """Drop the schema with everything in it, then the role."""
+    async def drop(self, names: tenancy.TenantNames, owner_uid: str | None = None) -> bool:
+        """Drop the schema with everything in it, then the role.
+
+        With ``owner_uid``, only if that ImTenant holds the claim (``False``
+        otherwise, nothing touched).
+        """
         async with self._connect() as conn:
+            if owner_uid is not None and not await self._held_by(conn, names.db_schema, owner_uid):
+                return False
             role_exists = await conn.fetchval(
                 "SELECT 1 FROM pg_roles WHERE rolname = $1", names.db_role
             )
@@ -251,6 +374,7 @@ class DatabaseProvisioner:
                     # DROP OWNED also removes the role's grants in this database.
                     await self._exec(conn, "DROP OWNED BY %I", names.db_role)
                     await self._exec(conn, "DROP ROLE IF EXISTS %I", names.db_role)
+        return True
 
 
 async def _terminate(conn: asyncpg.Connection, role: str) -> None:

@@ -130,7 +130,7 @@ def register(
             post(
                 "Warning",
                 "CleanupIncomplete",
-                f"finalizer removed after {retry + 1} attempts; left behind: "
+                f"finalizer removed after {retry + 1} attempts; NOT done: "
                 + "; ".join(report.errors),
             )
             logger.warning(

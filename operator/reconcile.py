@@ -103,6 +103,9 @@ class Reconciler:
         self.kube = kube
         self.backends = backends
         self._locks: dict[str, asyncio.Lock] = {}
+        # uids seen holding their tenant id's claim (database schema comment):
+        # lets the other steps go on while PostgreSQL is briefly unreachable.
+        self._claimed: set[str] = set()
 
     def lock(self, uid: str) -> asyncio.Lock:
         """Handlers and the timer of one object never run a pass at the same time."""
@@ -110,6 +113,15 @@ class Reconciler:
 
     def forget(self, uid: str) -> None:
         self._locks.pop(uid, None)
+        self._claimed.discard(uid)
+
+    async def _alive(self, namespace: str, name: str, uid: str) -> bool:
+        """Does the ImTenant namespace/name with this uid still exist? (unsure: yes)"""
+        try:
+            obj = await self.kube.get("ImTenant", namespace, name)
+        except Exception:  # noqa: BLE001 - when in doubt the holder is alive
+            return True
+        return obj is not None and obj["metadata"].get("uid") == uid
 
     # -- reconcile ----------------------------------------------------------------
 
@@ -202,6 +214,13 @@ class Reconciler:
             creds = await credentials.ensure_secret(
                 self.kube, namespace=namespace, owner=body, spec=spec, config=self.config
             )
+            if creds.regenerated:
+                event(
+                    "Warning",
+                    "SecretRegenerated",
+                    f"Secret {creds.name}: replaced invalid "
+                    + "; ".join(f"{k} ({why})" for k, why in creds.regenerated.items()),
+                )
             if creds.created:
                 event("Normal", "SecretCreated", f"created Secret {creds.name}")
             elif creds.adopted:
@@ -214,7 +233,20 @@ class Reconciler:
         except Exception as exc:  # noqa: BLE001 - a failing step becomes its condition
             outcomes.append(self._failure("Credentials", "SecretFailed", exc))
 
-        outcomes.append(await self._database(spec, creds, uid, resources, event))
+        owner_ref = f"{namespace}/{meta['name']}"
+        db_outcome = await self._database(spec, creds, uid, owner_ref, resources, event)
+        outcomes.append(db_outcome)
+        # The claim on the tenant id is the lock for every backend: an object
+        # that does not hold it touches none of them (nor runs workloads).
+        if self.backends.database is not None and uid not in self._claimed:
+            if db_outcome.reason == "TenantIdConflict":
+                reason, message = "TenantIdConflict", f"not provisioned: {db_outcome.message}"
+            else:
+                reason = "WaitingForDatabase"
+                message = "waiting for the tenant id to be claimed in the database"
+            for component in ("Topics", "Storage", "Turn", "Workloads"):
+                outcomes.append(status.Outcome(component, False, reason, message))
+            return outcomes, resources
         outcomes.append(await self._topics(spec, resources, event))
         outcomes.append(await self._storage(spec, resources, event))
         outcomes.append(await self._turn(spec, creds, resources, event))
@@ -231,6 +263,7 @@ class Reconciler:
         spec: spec_mod.TenantSpec,
         creds: credentials.CredentialsResult | None,
         uid: str,
+        owner_ref: str,
         resources: dict[str, Any],
         event: EventFn,
     ) -> status.Outcome:
@@ -243,14 +276,20 @@ class Reconciler:
             )
         try:
             result = await db.ensure(
-                spec.names, password=creds.data["database-password"], owner_uid=uid
+                spec.names,
+                password=creds.data["database-password"],
+                owner_uid=uid,
+                owner_ref=owner_ref,
+                alive=self._alive,
             )
         except database.DatabaseUnavailable as exc:
             return self._failure("Database", "DatabaseUnavailable", exc)
         except database.DatabaseConflict as exc:
+            self._claimed.discard(uid)
             return self._failure("Database", "TenantIdConflict", exc)
         except Exception as exc:  # noqa: BLE001 - a failing step becomes its condition
             return self._failure("Database", "DatabaseFailed", exc)
+        self._claimed.add(uid)
         resources["databaseSchema"], resources["databaseRole"] = result.schema, result.role
         if result.migrated:
             event(
@@ -338,6 +377,9 @@ class Reconciler:
                 "Turn", False, "WaitingForCredentials", "the credentials Secret is not ready"
             )
         try:
+            stale = creds.replaced.get("turn-secret")
+            if stale:
+                await coturn.remove(stale)
             added = await coturn.ensure(creds.data["turn-secret"])
         except turn.TurnUnavailable as exc:
             return self._failure("Turn", "TurnUnavailable", exc)
@@ -380,9 +422,14 @@ class Reconciler:
     # -- deletion -----------------------------------------------------------------
 
     async def cleanup(self, body: Mapping[str, Any], event: EventFn) -> CleanupReport:
-        """Undo the tenant as ``spec.deletionPolicy`` says; every step is attempted."""
+        """Undo the tenant as ``spec.deletionPolicy`` says; every step is attempted.
+
+        Backends are touched only when this object holds the claim on its
+        tenant id: a refused duplicate removes its own objects and nothing else.
+        """
         meta = body["metadata"]
-        namespace = meta["namespace"]
+        namespace, uid = meta["namespace"], meta["uid"]
+        owner_ref = f"{namespace}/{meta['name']}"
         report = CleanupReport()
         try:
             spec = spec_mod.parse_spec(body.get("spec") or {})
@@ -392,51 +439,102 @@ class Reconciler:
         names = spec.names
         delete_data = spec.deletion_policy == "Delete"
 
-        async def step(label: str, action: Callable[[], Awaitable[Any]]) -> None:
+        async def step(done: str, todo: str, action: Callable[[], Awaitable[Any]]) -> None:
+            """``done``: what happened; ``todo``: what is left undone if it fails."""
             try:
                 outcome = await action()
             except Exception as exc:  # noqa: BLE001 - cleanup goes on past any failure
-                logger.warning("cleanup step %s failed: %s", label, exc)
-                report.errors.append(f"{label}: {exc}")
-                event("Warning", "CleanupFailed", f"{label}: {exc}")
+                logger.warning("cleanup step %r failed: %s", todo, exc)
+                report.errors.append(f"{todo} ({exc})")
+                event("Warning", "CleanupFailed", f"could not {todo}: {exc}")
             else:
                 if outcome is not False:
-                    report.done.append(label)
+                    report.done.append(done)
 
-        async with self.lock(meta["uid"]):
+        async with self.lock(uid):
             # Workloads go first, whatever the policy: no pod keeps serving a
             # deleted tenant (owner references alone need a garbage collector).
             await step(
-                "workloads",
-                lambda: workloads.delete_workloads(self.kube, spec, namespace=namespace),
+                "workloads deleted",
+                "delete workloads",
+                lambda: workloads.delete_workloads(
+                    self.kube, spec, namespace=namespace, owner_uid=uid
+                ),
             )
+            db, admin, s3 = self.backends.database, self.backends.topics, self.backends.storage
+            holder: bool | None = True  # no database: no claim to check
+            if db is not None and uid not in self._claimed:
+                try:
+                    holder = await db.owns(names, uid)
+                except Exception as exc:  # noqa: BLE001 - cleanup goes on past any failure
+                    holder = None
+                    report.errors.append(
+                        f"clean up the backends of tenant {spec.tenant_id}: cannot tell whether "
+                        f"this ImTenant holds it ({exc})"
+                    )
+            if holder is None:
+                return report  # retried; in the end the finalizer goes, the data stays
+            if not holder:
+                report.done.append(
+                    f"backends of tenant {spec.tenant_id} left alone (claimed by another "
+                    "ImTenant, or never claimed)"
+                )
+                await step(
+                    f"Secret {names.k8s_secret} deleted",
+                    f"delete Secret {names.k8s_secret}",
+                    lambda: credentials.delete_own_secret(self.kube, namespace, spec, uid),
+                )
+                return report
+
             secret_data: dict[str, str] | None = None
             try:
                 secret_data = await credentials.read_secret(self.kube, namespace, spec)
             except Exception as exc:  # noqa: BLE001 - cleanup goes on past any failure
-                report.errors.append(f"reading Secret: {exc}")
+                report.errors.append(f"read Secret {names.k8s_secret} ({exc})")
             coturn = self.backends.turn
             if coturn is not None and secret_data and secret_data.get("turn-secret"):
                 turn_secret = secret_data["turn-secret"]
-                await step("turn secret revoked", lambda: coturn.remove(turn_secret))
+                await step(
+                    "turn secret revoked",
+                    "revoke the TURN secret",
+                    lambda: coturn.remove(turn_secret),
+                )
 
-            db, admin, s3 = self.backends.database, self.backends.topics, self.backends.storage
             if delete_data:
                 if db is not None:
-                    await step(f"schema {names.db_schema} dropped", lambda: db.drop(names))
+                    await step(
+                        f"schema {names.db_schema} dropped",
+                        f"drop schema {names.db_schema} and role {names.db_role}",
+                        lambda: db.drop(names, uid),
+                    )
                 if admin is not None:
-                    await step("topics deleted", lambda: admin.delete(names.topics))
+                    await step(
+                        "topics deleted",
+                        f"delete topics {', '.join(names.topics)}",
+                        lambda: admin.delete(names.topics),
+                    )
                 if s3 is not None:
-                    await step(f"bucket {names.bucket} deleted", lambda: s3.delete(names.bucket))
+                    await step(
+                        f"bucket {names.bucket} deleted",
+                        f"delete bucket {names.bucket}",
+                        lambda: s3.delete(names.bucket),
+                    )
                 await step(
                     f"Secret {names.k8s_secret} deleted",
-                    lambda: self.kube.delete("Secret", namespace, names.k8s_secret),
+                    f"delete Secret {names.k8s_secret}",
+                    lambda: credentials.delete_own_secret(self.kube, namespace, spec, uid),
                 )
             else:
                 if db is not None:
-                    await step(f"role {names.db_role} disabled", lambda: db.retain(names))
+                    await step(
+                        f"role {names.db_role} disabled",
+                        f"disable role {names.db_role} and mark schema {names.db_schema} "
+                        f"retained for {owner_ref}",
+                        lambda: db.retain(names, uid, owner_ref),
+                    )
                 await step(
                     f"Secret {names.k8s_secret} retained",
+                    f"retain Secret {names.k8s_secret}",
                     lambda: credentials.orphan_secret(
                         self.kube, namespace=namespace, spec=spec, owner_name=meta["name"]
                     ),

@@ -105,6 +105,28 @@ def new_secret_value() -> str:
     return secrets.token_urlsafe(32)
 
 
+# Shortest acceptable generated values (the runtime's rules in runtime/tenants.py:
+# HS256 secret 32+, API key 16+; the TURN secret and password as strong as the API key).
+GENERATED_MIN_LENGTH = {
+    "jwt-secret": 32,
+    "api-key": 16,
+    "turn-secret": 16,
+    "database-password": 16,
+}
+
+
+def invalid_generated(key: str, value: str | None) -> str | None:
+    """Why ``value`` is no good for the generated ``key`` (``None``: it is fine)."""
+    if not value:
+        return "empty"
+    minimum = GENERATED_MIN_LENGTH.get(key, 1)
+    if len(value) < minimum:
+        return f"shorter than {minimum} characters"
+    if not value.isprintable() or value != value.strip():
+        return "contains whitespace or control characters"
+    return None
+
+
 def database_url_for_tenant(
     admin_url: str, role: str, password: str, host_override: str | None = None
 ) -> str:
@@ -149,7 +171,12 @@ def secret_data(
 ) -> dict[str, str]:
     """All Secret keys (plain text): generated ones kept from ``existing``."""
     existing = existing or {}
-    generated = {key: existing.get(key) or new_secret_value() for key in GENERATED_KEYS}
+    generated = {
+        key: value
+        if (value := existing.get(key)) and invalid_generated(key, value) is None
+        else new_secret_value()
+        for key in GENERATED_KEYS
+    }
     data = dict(generated)
     data["tenant-id"] = spec.tenant_id
     data["jwt-kid"] = "k1"

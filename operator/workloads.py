@@ -138,13 +138,21 @@ async def apply_workloads(
 
 
 async def delete_workloads(
-    kube: kube_mod.Kube, spec: spec_mod.TenantSpec, *, namespace: str
+    kube: kube_mod.Kube, spec: spec_mod.TenantSpec, *, namespace: str, owner_uid: str
 ) -> list[str]:
-    """Delete the Deployments and the Service; returns what existed."""
+    """Delete the Deployments and the Service owned by ``owner_uid``; returns what went."""
     gone = []
     for component, name in render.component_names(spec).items():
-        if await kube.delete("Deployment", namespace, name):
-            gone.append(f"Deployment/{name}")
-        if component == "gateway" and await kube.delete("Service", namespace, name):
-            gone.append(f"Service/{name}")
+        kinds = ("Deployment", "Service") if component == "gateway" else ("Deployment",)
+        for kind in kinds:
+            live = await kube.get(kind, namespace, name)
+            if live is None or not _owned_by(live, owner_uid):
+                continue  # gone, or another object's (same tenantId, same namespace)
+            if await kube.delete(kind, namespace, name):
+                gone.append(f"{kind}/{name}")
     return gone
+
+
+def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return any(ref.get("uid") == uid for ref in refs)

@@ -351,6 +351,7 @@ def test_database_schema_and_role(env: Env) -> None:
     for forbidden in (
         "SELECT * FROM t_globex.conversations",
         "CREATE TABLE public.sneaky (x int)",
+        "CREATE TABLE t_acme.planted (x int)",
         "UPDATE t_acme.alembic_version SET version_num = 'x'",
     ):
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -733,6 +734,175 @@ def test_changing_tenant_id_is_refused(env: Env) -> None:
         check=False,
     )
     assert shrink.returncode != 0 and "can only grow" in shrink.stderr
+    replication = env.kubectl.run(
+        "patch",
+        "imt",
+        "acme",
+        "-n",
+        NS,
+        "--type",
+        "merge",
+        "-p",
+        '{"spec":{"kafka":{"replicationFactor":3}}}',
+        check=False,
+    )
+    assert replication.returncode != 0
+    assert "kafka.replicationFactor is immutable" in replication.stderr
+
+
+# -- one tenant id, one owner ---------------------------------------------------------
+
+NS2, NS3 = "imhub-tenants-b", "imhub-tenants-c"
+
+
+def tenant_manifest(namespace: str, name: str, tenant_id: str, **spec: Any) -> str:
+    return json.dumps(
+        {
+            "apiVersion": "imhub.io/v1alpha1",
+            "kind": "ImTenant",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {"tenantId": tenant_id, **spec},
+        }
+    )
+
+
+def condition_in(env: Env, namespace: str, name: str, type_: str) -> dict[str, Any] | None:
+    obj = env.kubectl.get("imtenant", name, namespace) or {}
+    for cond in (obj.get("status") or {}).get("conditions") or []:
+        if cond["type"] == type_:
+            return dict(cond)
+    return None
+
+
+def wait_conflict(env: Env, namespace: str, name: str) -> dict[str, Any]:
+    def refused() -> dict[str, Any] | None:
+        c = condition_in(env, namespace, name, "Database")
+        return c if c and c["reason"] == "TenantIdConflict" else None
+
+    return wait_for(f"{namespace}/{name} refused", refused, 60)
+
+
+def retention(env: Env, topic: str) -> str:
+    admin = env.admin()
+    (future,) = admin.describe_configs([ConfigResource("topic", topic)]).values()
+    return str(future.result(10)["retention.ms"].value)
+
+
+def test_duplicate_tenant_id_touches_nothing_of_the_owner(env: Env) -> None:
+    for ns in (NS2, NS3):
+        env.kubectl.run("create", "namespace", ns, check=False)
+    env.kubectl.apply(
+        tenant_manifest(
+            NS,
+            "victim",
+            "victim",
+            deletionPolicy="Retain",
+            kafka={"retentionHours": 24},
+            storage={"corsAllowedOrigins": ["https://victim.example"]},
+        )
+    )
+    env.wait_ready("victim")
+    turn_secret = env.secret("victim")["turn-secret"]
+    # Two duplicates at once, both policies, with other retention and CORS.
+    for ns, policy in ((NS2, "Delete"), (NS3, "Retain")):
+        env.kubectl.apply(
+            tenant_manifest(
+                ns,
+                "victim",
+                "victim",
+                deletionPolicy=policy,
+                kafka={"retentionHours": 1},
+                storage={"corsAllowedOrigins": ["https://evil.example"]},
+            )
+        )
+    for ns in (NS2, NS3):
+        wait_conflict(env, ns, "victim")
+    time.sleep(7)  # two drift passes of every object
+
+    def untouched() -> None:
+        assert retention(env, "imhub.victim.im-events") == str(24 * 3_600_000)
+        (rule,) = env.s3_client().get_bucket_cors(Bucket="imhub-victim")["CORSRules"]
+        assert rule["AllowedOrigins"] == ["https://victim.example"]
+        assert turn_secret in env.turn_secrets()
+        role = env.sql("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'imhub_t_victim'")
+        assert role[0]["rolcanlogin"] is True
+        assert env.sql("SELECT 1 FROM pg_namespace WHERE nspname = 't_victim'")
+        assert len(env.partitions("victim")) == 3
+        assert env.kubectl.get("deployment", "imhub-victim-gateway", NS) is not None
+        ready = env.condition("victim", "Ready")
+        assert ready is not None and ready["status"] == "True"
+
+    untouched()
+    for ns in (NS2, NS3):
+        refused = condition_in(env, ns, "victim", "Database")
+        assert refused is not None and f"{NS}/victim" in refused["message"]
+        topics = condition_in(env, ns, "victim", "Topics")
+        assert topics is not None and topics["reason"] == "TenantIdConflict"
+    for ns in (NS2, NS3):
+        env.kubectl.run("delete", "imt", "victim", "-n", ns, "--wait=true", "--timeout=50s")
+        assert env.kubectl.get("secret", "imhub-victim-credentials", ns) is None
+    untouched()
+    assert env.kubectl.get("secret", "imhub-victim-credentials", NS) is not None
+
+
+def test_retained_data_is_adopted_only_by_its_own_object(env: Env) -> None:
+    before = env.secret("victim")
+    env.kubectl.run("delete", "imt", "victim", "-n", NS, "--wait=true", "--timeout=50s")
+    comment = env.sql("SELECT obj_description('t_victim'::regnamespace, 'pg_namespace') AS c")
+    assert comment[0]["c"] == f"imhub-tenant:retained {NS}/victim"
+    env.kubectl.apply(tenant_manifest(NS2, "thief", "victim", deletionPolicy="Delete"))
+    refused = wait_conflict(env, NS2, "thief")
+    assert f"{NS}/victim" in refused["message"]
+    role = env.sql("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'imhub_t_victim'")
+    assert role[0]["rolcanlogin"] is False
+    env.kubectl.run("delete", "imt", "thief", "-n", NS2, "--wait=true", "--timeout=50s")
+    assert env.sql("SELECT 1 FROM pg_namespace WHERE nspname = 't_victim'")
+    # The same namespace/name adopts it.
+    env.kubectl.apply(tenant_manifest(NS, "victim", "victim", deletionPolicy="Retain"))
+    env.wait_ready("victim")
+    assert env.secret("victim")["jwt-secret"] == before["jwt-secret"]
+    role = env.sql("SELECT rolcanlogin FROM pg_roles WHERE rolname = 'imhub_t_victim'")
+    assert role[0]["rolcanlogin"] is True
+
+
+def test_invalid_secret_value_is_regenerated(env: Env) -> None:
+    env.kubectl.run(
+        "patch",
+        "secret",
+        "imhub-victim-credentials",
+        "-n",
+        NS,
+        "--type",
+        "merge",
+        "-p",
+        '{"stringData":{"jwt-secret":"short"}}',
+    )
+    fixed = wait_for(
+        "a valid jwt-secret again",
+        lambda: (s := env.secret("victim")) and len(s["jwt-secret"]) >= 32 and s,
+        30,
+    )
+    assert fixed["jwt-secret"] in fixed["tenants.yaml"]
+    warnings = env.kubectl.json(
+        "get", "events", "-n", NS, "--field-selector", "involvedObject.name=victim,type=Warning"
+    )["items"]
+    assert any(
+        e["reason"] == "SecretRegenerated" and "jwt-secret" in e["message"] for e in warnings
+    )
+    env.wait_ready("victim")
+    env.kubectl.run(
+        "patch",
+        "imt",
+        "victim",
+        "-n",
+        NS,
+        "--type",
+        "merge",
+        "-p",
+        '{"spec":{"deletionPolicy":"Delete"}}',
+    )
+    env.kubectl.run("delete", "imt", "victim", "-n", NS, "--wait=true", "--timeout=50s")
+    assert env.sql("SELECT 1 FROM pg_namespace WHERE nspname = 't_victim'") == []
 
 
 # -- deletion -------------------------------------------------------------------------
@@ -820,3 +990,26 @@ def test_finalizer_is_removed_even_when_a_backend_is_gone(env: Env) -> None:
     finally:
         env.services.start("s3")
     assert env.operator is not None and env.operator.poll() is None
+
+
+def test_tenant_deleted_while_database_down_can_be_applied_again(env: Env) -> None:
+    manifest = tenant_manifest(NS, "hooli", "hooli", deletionPolicy="Delete")
+    env.kubectl.apply(manifest)
+    env.wait_ready("hooli")
+    env.services.stop("postgres")
+    try:
+        env.kubectl.run("delete", "imt", "hooli", "-n", NS, "--wait=true", "--timeout=50s")
+        warnings = env.kubectl.json(
+            "get", "events", "-n", NS, "--field-selector", "involvedObject.name=hooli,type=Warning"
+        )["items"]
+        (incomplete,) = [e for e in warnings if e["reason"] == "CleanupIncomplete"]
+        assert "NOT done: drop schema t_hooli" in incomplete["message"]
+        assert "dropped" not in incomplete["message"]
+    finally:
+        env.services.start("postgres")
+    assert env.sql("SELECT 1 FROM pg_namespace WHERE nspname = 't_hooli'")
+    # The same namespace/name takes over the claim its deleted predecessor left.
+    env.kubectl.apply(manifest)
+    env.wait_ready("hooli")
+    env.kubectl.run("delete", "imt", "hooli", "-n", NS, "--wait=true", "--timeout=50s")
+    assert env.sql("SELECT 1 FROM pg_namespace WHERE nspname = 't_hooli'") == []

@@ -65,17 +65,77 @@ async def test_database_concurrent_tenants_idempotent_and_isolated(services: Ser
         with pytest.raises(database.DatabaseConflict):
             await prov.ensure(names["prov-a"], password="x" * 20, owner_uid="someone-else")
 
-        await prov.retain(names["prov-b"])
+        assert await prov.retain(names["prov-b"], "prov-b", "ns/prov-b")
         role = await _fetch(
             admin, "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'imhub_t_prov_b'"
         )
         assert role[0]["rolcanlogin"] is False
         # A retained schema can be claimed again (the tenant is re-created).
-        await prov.ensure(names["prov-b"], password="pw-prov-b-0123456789", owner_uid="new-uid")
+        await prov.ensure(
+            names["prov-b"],
+            password="pw-prov-b-0123456789",
+            owner_uid="new-uid",
+            owner_ref="ns/prov-b",
+        )
     finally:
         await asyncio.gather(*(prov.drop(names[t]) for t in ids))
     left = await _fetch(admin, "SELECT nspname FROM pg_namespace WHERE nspname LIKE 't\\_prov\\_%'")
     assert left == []
+
+
+async def test_database_claim_is_atomic_and_guards_every_change(services: ServiceSet) -> None:
+    admin = services.get("postgres")["DATABASE_URL"]
+    prov = database.DatabaseProvisioner(admin)
+    names = tenancy.names_for("prov-claim")
+    pw = "pw-claim-0123456789"
+    try:
+        # Two objects with the same tenant id at once: exactly one gets it.
+        results = await asyncio.gather(
+            *(
+                prov.ensure(names, password=pw, owner_uid=f"uid-{i}", owner_ref=f"ns{i}/claim")
+                for i in range(2)
+            ),
+            return_exceptions=True,
+        )
+        conflicts = [r for r in results if isinstance(r, database.DatabaseConflict)]
+        assert len(conflicts) == 1, results
+        win = 0 if not isinstance(results[0], BaseException) else 1
+        lose = 1 - win
+        assert await prov.owns(names, f"uid-{win}")
+        assert not await prov.owns(names, f"uid-{lose}")
+        # The loser can neither drop nor retain (disable) the winner's tenant.
+        assert await prov.drop(names, f"uid-{lose}") is False
+        assert await prov.retain(names, f"uid-{lose}", f"ns{lose}/claim") is False
+        dsn = _tenant_dsn(admin, names, pw)
+        await _fetch(dsn, "SELECT count(*) FROM t_prov_claim.messages")
+        # The tenant role uses its schema but cannot plant objects in it.
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await _fetch(dsn, "CREATE TABLE t_prov_claim.planted (x int)")
+
+        # Retained data goes back only to the same namespace/name.
+        assert await prov.retain(names, f"uid-{win}", f"ns{win}/claim")
+        with pytest.raises(database.DatabaseConflict, match=f"ns{win}/claim"):
+            await prov.ensure(names, password="y" * 20, owner_uid="thief", owner_ref="x/thief")
+        role = await _fetch(
+            admin, "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", names.db_role
+        )
+        assert role[0]["rolcanlogin"] is False
+        await prov.ensure(names, password=pw, owner_uid="reborn", owner_ref=f"ns{win}/claim")
+
+        # A claim whose holder no longer exists counts as retained for its namespace/name.
+        async def gone(namespace: str, name: str, uid: str) -> bool:
+            return False
+
+        with pytest.raises(database.DatabaseConflict):
+            await prov.ensure(names, password=pw, owner_uid="u2", owner_ref="x/thief", alive=gone)
+        await prov.ensure(
+            names, password=pw, owner_uid="u3", owner_ref=f"ns{win}/claim", alive=gone
+        )
+        # A live holder keeps it, whoever asks.
+        with pytest.raises(database.DatabaseConflict):
+            await prov.ensure(names, password=pw, owner_uid="u4", owner_ref=f"ns{win}/claim")
+    finally:
+        await prov.drop(names)
 
 
 async def test_database_down_is_unavailable() -> None:

@@ -85,6 +85,18 @@ def test_missing_generated_key_is_filled_others_kept() -> None:
     assert again["api-key"] and again["api-key"] != first["api-key"]
 
 
+def test_invalid_generated_values_are_regenerated() -> None:
+    tenant, config = _spec(), _config()
+    first = render.secret_data(tenant, config, None)
+    edited = {**first, "jwt-secret": "short", "api-key": "x" * 15}
+    again = render.secret_data(tenant, config, edited)
+    assert len(again["jwt-secret"]) >= 32 and again["api-key"] != "x" * 15
+    assert again["turn-secret"] == first["turn-secret"]
+    assert again["jwt-secret"] in again["tenants.yaml"]
+    assert render.invalid_generated("jwt-secret", "short")
+    assert render.invalid_generated("jwt-secret", "y" * 32) is None
+
+
 def test_database_url_uses_the_tenant_role() -> None:
     data = render.secret_data(_spec(), _config(), None)
     password = data["database-password"]
