@@ -115,10 +115,6 @@ class Store(Protocol):
 
     async def members(self, tenant_id: str, conv_id: str) -> list[models.Member]: ...
 
-    async def members_many(
-        self, tenant_id: str, conv_ids: Sequence[str]
-    ) -> dict[str, list[models.Member]]: ...
-
     # messages
     async def max_seq(self, tenant_id: str, conv_id: str) -> int:
         """The highest stored seq of the conversation (0 when empty)."""
@@ -131,7 +127,7 @@ class Store(Protocol):
     async def load_batch(
         self, tenant_id: str, conv_ids: Sequence[str], keys: Sequence[tuple[str, str, str]]
     ) -> tuple[dict[str, list[models.Member]], dict[tuple[str, str, str], models.Message]]:
-        """``members_many`` and ``find_by_client_ids`` in one round trip."""
+        """Members of each conversation and ``find_by_client_ids``, in one round trip."""
 
     async def insert_messages(
         self, tenant_id: str, batches: Mapping[str, Sequence[models.NewMessage]]

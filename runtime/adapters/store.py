@@ -412,13 +412,8 @@ class SqlStore:
         return bool(result.rowcount)
 
     async def members(self, tenant_id: str, conv_id: str) -> list[models.Member]:
-        return (await self.members_many(tenant_id, [conv_id])).get(conv_id, [])
-
-    async def members_many(
-        self, tenant_id: str, conv_ids: Sequence[str]
-    ) -> dict[str, list[models.Member]]:
         async with self._connect(tenant_id) as conn:
-            return await self._members(conn, tenant_id, conv_ids)
+            return (await self._members(conn, tenant_id, [conv_id])).get(conv_id, [])
 
     # -- messages -----------------------------------------------------------------
 

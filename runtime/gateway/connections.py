@@ -34,13 +34,13 @@ _PRESENCE_TTL = 30.0
 
 class Connection:
     __slots__ = (
+        "_closer",
         "_closing",
         "_queue",
         "_queue_bytes_limit",
         "_queue_limit",
         "_queued_bytes",
         "_writer",
-        "_writer_or_closer",
         "close_reason",
         "conn_id",
         "principal",
@@ -73,8 +73,7 @@ class Connection:
             len(self._queue) >= self._queue_limit
             or self._queued_bytes + len(text) > self._queue_bytes_limit
         ):
-            self._queue.clear()
-            self._queued_bytes = 0
+            self._discard()
             self.close_soon(protocol.CloseCode.SLOW_CONSUMER, "send queue overflow")
             return
         self._queue.append(text)
@@ -88,27 +87,28 @@ class Connection:
                 text = self._queue.popleft()
                 self._queued_bytes -= len(text)
                 if self.ws.application_state != WebSocketState.CONNECTED:
-                    self._queue.clear()
+                    self._discard()
                     break
                 await self.ws.send_text(text)
         except Exception:  # noqa: BLE001 - any send failure: the reader sees the close
-            self._queue.clear()
-            self._queued_bytes = 0
+            self._discard()
         finally:
             self._writer = None
+
+    def _discard(self) -> None:
+        self._queue.clear()
+        self._queued_bytes = 0
 
     def close_soon(self, code: int, reason: str) -> None:
         if self._closing:
             return
         self._closing = True
         self.close_reason = reason
-        self._writer_or_closer = asyncio.create_task(self._close(code, reason))
+        self._closer = asyncio.create_task(self._close(code, reason))
 
     async def _close(self, code: int, reason: str) -> None:
-        writer = self._writer
-        if writer is not None:
-            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(writer), 1.0)
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.flush(1.0)
         with contextlib.suppress(Exception):
             await self.ws.close(code, reason)
 
